@@ -1,0 +1,269 @@
+"""The run configuration: typed schema, YAML loading, recipes merged underneath, `--set` overrides, clear errors.
+
+Precedence, lowest first: schema defaults < recipe preset < the YAML file < `--set key=value` overrides. Every
+error names the key, the bad value and what is accepted, and is raised before any model is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainer.models.registry import TARGETS
+from trainer.recipes import RECIPES
+
+MODES = ("text-to-video", "text-to-audio-video")
+AUDIO_MODES = ("text-to-audio-video",)
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message says where and how."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ModelSection(_Strict):
+    target: Literal["ltx-2.3", "ltx-2", "tiny-ltx-2.3", "tiny-ltx-2"] = "ltx-2.3"
+    # Path to the public weights; reading them is not supported yet, so only tiny targets train today.
+    checkpoint: str | None = None
+    # Seed of the random weights of the tiny targets.
+    init_seed: int = 0
+
+    @model_validator(mode="after")
+    def _weights_available(self) -> "ModelSection":
+        if self.checkpoint is not None:
+            raise ValueError(
+                f"model.checkpoint = {self.checkpoint!r}: loading public weights is not supported by this version "
+                f"yet; use a tiny-* target ({', '.join(t for t in TARGETS if TARGETS[t].tiny)})"
+            )
+        if not TARGETS[self.target].tiny:
+            raise ValueError(
+                f"model.target = {self.target!r} needs its public weights (model.checkpoint), which this version "
+                f"cannot load yet; use a tiny-* target ({', '.join(t for t in TARGETS if TARGETS[t].tiny)})"
+            )
+        return self
+
+
+class LoraSection(_Strict):
+    rank: PositiveInt = 32
+    # None means alpha = rank (scale 1), the official default.
+    alpha: PositiveFloat | None = None
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # A preset (video, audio, audio-video, ic-lora), "auto" (chosen by the mode), or module-name suffixes.
+    targets: str | list[str] = "auto"
+
+    @field_validator("targets")
+    @classmethod
+    def _known_preset(cls, value: str | list[str]) -> str | list[str]:
+        from trainer.lora import TARGET_PRESETS
+
+        if isinstance(value, str) and value != "auto" and value not in TARGET_PRESETS:
+            raise ValueError(f"must be 'auto', one of {sorted(TARGET_PRESETS)}, or a list of module-name suffixes")
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list adapts nothing; give module-name suffixes such as ['to_q', 'to_v']")
+        return value
+
+
+class OptimSection(_Strict):
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    learning_rate: PositiveFloat = 1e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    # Where linear and cosine schedules end, as a fraction of learning_rate (the official recipe decays to 10%).
+    final_lr_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+    # Gradient-norm clipping; null switches it off.
+    grad_clip: PositiveFloat | None = 1.0
+
+
+class TrainSection(_Strict):
+    steps: PositiveInt = 2000
+    batch_size: PositiveInt = 1
+    gradient_accumulation_steps: PositiveInt = 1
+    gradient_checkpointing: bool = True
+    # auto: bf16 on CUDA, fp32 on CPU.
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    seed: int = 42
+    checkpoint_every: PositiveInt = 250
+    keep_last: PositiveInt = 3
+    log_every: PositiveInt = 10
+    # Consecutive steps with a NaN/inf loss or gradient that stop the run.
+    max_bad_steps: PositiveInt = 5
+
+
+class SyntheticSection(_Strict):
+    """A generated dataset (written into data.cache_dir when it has no manifest) for smoke runs and tests."""
+
+    num_samples: PositiveInt = 8
+    frames: PositiveInt = 17
+    height: PositiveInt = 128
+    width: PositiveInt = 192
+    fps: PositiveFloat = 24.0
+    audio: bool = True
+    text_len: PositiveInt = 16
+    seed: int = 0
+
+    @field_validator("frames")
+    @classmethod
+    def _frames_8k_plus_1(cls, value: int) -> int:
+        if (value - 1) % 8:
+            raise ValueError(f"must be 8k+1 (the VAE compresses time 8x after a causal first frame), e.g. "
+                             f"{value - (value - 1) % 8} or {value - (value - 1) % 8 + 8}")
+        return value
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"must be a multiple of 32 (the VAE compresses space 32x), e.g. {max(32, value // 32 * 32)}")
+        return value
+
+
+class DataSection(_Strict):
+    cache_dir: str
+    synthetic: SyntheticSection | None = None
+    num_workers: Annotated[int, Field(ge=0)] = 0
+
+
+class ExportSection(_Strict):
+    formats: list[Literal["comfyui", "diffusers"]] = ["comfyui", "diffusers"]
+    name: str = "lora"
+
+
+class RunConfig(_Strict):
+    output_dir: str
+    model: ModelSection
+    mode: Literal[MODES] = "text-to-video"  # type: ignore[valid-type]
+    recipe: Literal["character", "style", "motion"] | None = None
+    trigger_word: str | None = None
+    lora: LoraSection = LoraSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    data: DataSection
+    export: ExportSection = ExportSection()
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.lora.alpha if self.lora.alpha is not None else float(self.lora.rank)
+
+    @property
+    def lora_targets(self) -> str | list[str]:
+        """The resolved target spec: `auto` trains the modules of every generated modality."""
+        if self.lora.targets != "auto":
+            return self.lora.targets
+        return "audio-video" if self.mode in AUDIO_MODES else "video"
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value); the value is read as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.steps=100")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"--set {text!r}: the key before '=' is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc.problem})") from None
+    return path, value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _merge_under(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` wins; sections merge key by key."""
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge_under(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The accepted keys of the section at `loc` (for 'did you mean' hints)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc)
+        if item["type"] == "extra_forbidden":
+            accepted = _fields_at(loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), accepted, n=1)
+            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+            lines.append(f"  {key}: unknown key{did_you_mean} accepted keys here: {', '.join(accepted)}")
+        elif item["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            value = item.get("input")
+            # A whole-section check already names its keys in the message.
+            lines.append(f"  {key}: {message}" if isinstance(value, dict) else f"  {key} = {value!r}: {message}")
+    return "\n".join(lines)
+
+
+def resolve(raw: dict[str, Any], overrides: list[str] = (), source: str = "config") -> RunConfig:
+    """Builds the validated config from a raw dict (from YAML), applying `--set` overrides and the recipe."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    user = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        _set_path(user, path, value)
+    recipe = user.get("recipe")
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ConfigError(f"invalid configuration ({source}):\n  recipe = {recipe!r}: accepted: {', '.join(RECIPES)}")
+        user = _merge_under(RECIPES[recipe], user)
+    try:
+        return RunConfig.model_validate(user)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return resolve(raw, overrides, source=str(path))
