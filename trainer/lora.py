@@ -1,0 +1,108 @@
+"""PEFT LoRA injection into the diffusers LTX-2 transformer: target presets, adapter state in and out.
+
+Module names follow `LTX2VideoTransformer3DModel`: each block has six attentions (`attn1`, `attn2`, `audio_attn1`,
+`audio_attn2`, `audio_to_video_attn`, `video_to_audio_attn`, each with `to_q/to_k/to_v/to_out.0`) and two
+feed-forwards (`ff`, `audio_ff`, each `net.0.proj` and `net.2`). Presets are anchored regexes, because suffix
+matching would let `ff.net.2` also hit `audio_ff.net.2`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+
+ADAPTER_NAME = "default"
+
+_BLOCK = r"transformer_blocks\.\d+\."
+_PROJ = r"\.(to_q|to_k|to_v|to_out\.0)"
+
+
+def _attn(*names: str) -> str:
+    return rf"{_BLOCK}({'|'.join(names)}){_PROJ}"
+
+
+def _ff(*names: str) -> str:
+    return rf"{_BLOCK}({'|'.join(names)})\.net\.(0\.proj|2)"
+
+
+_VIDEO = [_attn("attn1", "attn2"), _ff("ff")]
+_AUDIO = [_attn("audio_attn1", "audio_attn2"), _ff("audio_ff")]
+_CROSS_MODAL = [_attn("audio_to_video_attn", "video_to_audio_attn")]
+
+# Each preset is a list of anchored regexes over module names; PEFT matches the union.
+TARGET_PRESETS: dict[str, list[str]] = {
+    "video": _VIDEO,
+    "audio": _AUDIO,
+    "audio-video": _VIDEO + _AUDIO + _CROSS_MODAL,
+    # The official video IC-LoRA trains the same modules as our video preset: attn1, attn2 and the video FFN.
+    "ic-lora": _VIDEO,
+}
+
+
+def target_regex(targets: str | list[str]) -> str:
+    """One PEFT `target_modules` regex for a preset name or a list of module-name suffixes.
+
+    A list entry matches a module whose name is the entry or ends with `.entry` (PEFT's list semantics), so
+    `["to_q", "ff.net.2"]` works as users expect from other trainers.
+    """
+    if isinstance(targets, str):
+        if targets not in TARGET_PRESETS:
+            raise ValueError(f"unknown LoRA target preset {targets!r}; presets: {', '.join(TARGET_PRESETS)}")
+        patterns = TARGET_PRESETS[targets]
+    else:
+        patterns = [rf"(.*\.)?{re.escape(suffix)}" for suffix in targets]
+    return "|".join(f"(?:{p})" for p in patterns)
+
+
+def matching_modules(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
+    """Names of the Linear layers a target spec selects, in model order."""
+    pattern = re.compile(target_regex(targets))
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name)
+    ]
+
+
+def inject_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, targets: str | list[str]) -> list[str]:
+    """Adds a LoRA adapter in place, freezes the base, keeps LoRA parameters in fp32. Returns the adapted modules."""
+    modules = matching_modules(model, targets)
+    if not modules:
+        raise ValueError(f"LoRA targets {targets!r} match no Linear layer of the transformer")
+    model.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_regex(targets),
+        init_lora_weights=True,
+    )
+    model.add_adapter(config, adapter_name=ADAPTER_NAME)
+    for param in lora_parameters(model):
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    return modules
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+def get_lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed `<module>.lora_A.weight` / `<module>.lora_B.weight` (PEFT layout, no prefix)."""
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().float().contiguous() for k, v in state.items()}
+
+
+def set_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Loads tensors from `get_lora_state_dict` back; every adapter tensor must be present, and nothing else."""
+    expected = set(get_lora_state_dict(model))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"LoRA state does not fit the model: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)})"
+        )
+    set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
