@@ -1,0 +1,148 @@
+"""The training loop end to end on tiny models: outputs, exact resume, refusal of bad input, NaN handling."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import trainer.train as train_module
+from trainer.checkpoint import CheckpointError, list_checkpoints
+from trainer.cli import main
+from trainer.config import ConfigError, resolve
+from trainer.train import TrainingDiverged, train
+
+
+def _config(tmp_path, **sections):
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"target": "tiny-ltx-2.3"},
+        "lora": {"rank": 4},
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 2},
+        "train": {"steps": 6, "batch_size": 2, "checkpoint_every": 2, "keep_last": 2, "log_every": 1,
+                  "gradient_checkpointing": False},
+        "data": {"cache_dir": str(tmp_path / "cache"), "synthetic": {"num_samples": 4, "frames": 9, "height": 64,
+                                                                     "width": 96}},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_train_writes_config_metrics_checkpoints_and_exports(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_config(tmp_path)))
+    assert main(["train", str(config), "--set", "train.steps=5", "--set", "export.name=mine"]) == 0
+    run = tmp_path / "run"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 5 and saved["export"]["name"] == "mine"
+    assert len(_losses(run)) == 5 and all(math.isfinite(x) for x in _losses(run))
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000004", "step-00000005"]  # keep_last = 2
+    comfy = load_file(run / "mine.safetensors")
+    assert comfy and all(k.startswith("diffusion_model.transformer_blocks.") for k in comfy)
+    assert (run / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    assert "mine.safetensors" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target", ["tiny-ltx-2.3", "tiny-ltx-2"])
+@pytest.mark.parametrize("mode", ["text-to-video", "text-to-audio-video"])
+def test_every_mode_trains_on_both_targets(tmp_path, target, mode):
+    cfg = resolve(_config(tmp_path, model={"target": target}, mode=mode, train={"steps": 2}))
+    result = train(cfg, progress=False)
+    assert result.final_step == 2 and all(math.isfinite(x) for x in result.losses)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ("audio_loss" in record) == (mode == "text-to-audio-video")
+
+
+def _crash_at(monkeypatch, call, exception):
+    """Makes the `call`-th step raise `exception`, as a crash or Ctrl-C would."""
+    real = train_module.build_step_inputs
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise exception
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_step_inputs", flaky)
+
+
+@pytest.mark.parametrize("crash, expected_checkpoint", [(RuntimeError("power cut"), 4), (KeyboardInterrupt(), 4)])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, crash, expected_checkpoint):
+    reference = resolve(_config(tmp_path / "a"))
+    uninterrupted = train(reference, progress=False)
+
+    cfg = resolve(_config(tmp_path / "b"))
+    _crash_at(monkeypatch, 5, crash)  # dies during step 5: the last checkpoint is step 4 (Ctrl-C saves step 4 too)
+    with pytest.raises(type(crash)):
+        train(cfg, progress=False)
+    assert list_checkpoints(tmp_path / "b" / "run")[-1].name == f"step-{expected_checkpoint:08d}"
+    monkeypatch.undo()
+    resumed = train(cfg, resume=True, progress=False)
+
+    assert resumed.final_step == 6
+    assert _losses(tmp_path / "b" / "run") == _losses(tmp_path / "a" / "run")
+    final_a = load_file(tmp_path / "a" / "run" / "lora.safetensors")
+    final_b = load_file(tmp_path / "b" / "run" / "lora.safetensors")
+    assert final_a.keys() == final_b.keys()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert uninterrupted.losses[-2:] == resumed.losses
+
+
+def test_resume_with_a_different_adapter_is_refused_and_touches_nothing(tmp_path):
+    train(resolve(_config(tmp_path)), progress=False)
+    checkpoints = list_checkpoints(tmp_path / "run")
+    before = {p: (p / "adapter.safetensors").read_bytes() for p in checkpoints}
+    with pytest.raises(CheckpointError, match=r"rank: checkpoint has 4, config gives 8"):
+        train(resolve(_config(tmp_path, lora={"rank": 8})), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"model_target: checkpoint has 'tiny-ltx-2.3', config gives 'tiny-ltx-2'"):
+        train(resolve(_config(tmp_path, model={"target": "tiny-ltx-2"})), resume=True, progress=False)
+    assert list_checkpoints(tmp_path / "run") == checkpoints
+    assert all((p / "adapter.safetensors").read_bytes() == data for p, data in before.items())
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    cfg = resolve(_config(tmp_path))
+    train(cfg, progress=False)
+    adapter = list_checkpoints(tmp_path / "run")[-1] / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"step-00000006 is corrupt"):
+        train(cfg, resume=True, progress=False)
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        train(resolve(_config(tmp_path)), resume=True, progress=False)
+
+
+def test_unwritable_output_dir_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"output_dir = .*file/run.* cannot be written"):
+        train(resolve(_config(tmp_path, output_dir=str(blocker / "run"))), progress=False)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, caplog):
+    real = train_module.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(model, inputs):
+        calls["n"] += 1
+        loss, parts = real(model, inputs)
+        return (loss * float("nan"), parts) if calls["n"] >= 3 else (loss, parts)
+
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    cfg = resolve(_config(tmp_path, train={"steps": 20, "max_bad_steps": 3}))
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive steps .* last good checkpoint is .*step-00000002"):
+        train(cfg, progress=False)
+    assert "step 3: non-finite loss or gradient" in caplog.text
+    # Skipped steps leave the adapter as the last good step made it, and write no checkpoint.
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002"]

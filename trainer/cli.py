@@ -1,0 +1,87 @@
+"""The `ltx-lora` command: parse arguments, call the library, report. Errors a user can fix exit with code 2 and
+one clear message instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError
+from trainer.data.cache import CacheError
+from trainer.lora_files import LoraFileError
+
+USER_ERRORS = (ConfigError, CheckpointError, CacheError, LoraFileError)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.train import TrainingDiverged, train
+
+    cfg = load_config(args.config, args.set)
+    try:
+        result = train(cfg, resume=args.resume)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"done: step {result.final_step}; LoRA written to:")
+    for path in result.exported:
+        print(f"  {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trainer.export import export_file
+
+    written = export_file(Path(args.source), Path(args.output), args.format)
+    print(f"wrote {written}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from trainer.lora_files import describe_lora, read_lora
+
+    print(describe_lora(read_lora(Path(args.file))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltx-lora", description="LoRA training for LTX-2.3 and LTX-2.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a LoRA from a YAML config")
+    train.add_argument("config", help="path to the run's YAML config")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    train.set_defaults(run=_train)
+
+    export = commands.add_parser("export", help="convert a LoRA file or a training checkpoint to another format")
+    export.add_argument("source", help="a LoRA .safetensors file, or a checkpoint folder (output_dir/checkpoints/step-N)")
+    export.add_argument("output", help="the file to write")
+    export.add_argument("--format", choices=["comfyui", "diffusers"], default="comfyui",
+                        help="comfyui: diffusion_model.* keys; diffusers: transformer.* keys (default: comfyui)")
+    export.set_defaults(run=_export)
+
+    inspect = commands.add_parser("inspect", help="show a LoRA file's target, rank, modules and problems")
+    inspect.add_argument("file", help="a LoRA .safetensors file")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.run(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The training loop: Accelerate, LoRA on the frozen transformer, checkpoints and resume, logging, export.
+
+Reproducibility is by construction: the noise and sigmas of step s come from a generator seeded with (seed, s), and
+the data order is a pure function of the seed (see data/batches.py), so a resumed run repeats exactly what an
+uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from tqdm.auto import tqdm
+
+from trainer.checkpoint import (
+    CheckpointError,
+    check_identity,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from trainer.config import AUDIO_MODES, ConfigError, RunConfig
+from trainer.data.batches import BatchPlan, collate
+from trainer.data.cache import LatentCache
+from trainer.data.synthetic import ensure_synthetic_cache
+from trainer.lora import get_lora_state_dict, inject_lora, lora_parameters, set_lora_state_dict
+from trainer.export import export_run
+from trainer.models.registry import ModelTarget, build_transformer, get_target
+from trainer.modes import build_step_inputs, compute_loss
+
+logger = logging.getLogger("ltx_lora")
+
+# Audio latents: 16 kHz, hop 160, 4x temporal compression -> 25 tokens per second.
+AUDIO_TOKENS_PER_SECOND = 25
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_step: int
+    exported: list[Path]
+    losses: list[float]
+
+
+def run_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What must match between a checkpoint and the config that resumes it."""
+    return {
+        "model_target": cfg.model.target,
+        "rank": cfg.lora.rank,
+        "alpha": cfg.lora_alpha,
+        "targets": cfg.lora_targets,
+    }
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fails early, with the path, when the run directory cannot be created or written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output_dir = {str(output_dir)!r} cannot be written: {exc.strerror or exc}") from None
+
+
+def open_dataset(cfg: RunConfig, target: ModelTarget, accelerator: Accelerator) -> LatentCache:
+    """The latent cache, generated first when the config asks for synthetic data and none is there yet."""
+    synthetic = cfg.data.synthetic
+    if synthetic is not None and accelerator.is_main_process:
+        ensure_synthetic_cache(
+            cfg.data.cache_dir,
+            target,
+            num_samples=synthetic.num_samples,
+            latent_frames=(synthetic.frames - 1) // 8 + 1,
+            latent_height=synthetic.height // 32,
+            latent_width=synthetic.width // 32,
+            audio_tokens=round(synthetic.frames / synthetic.fps * AUDIO_TOKENS_PER_SECOND) if synthetic.audio else None,
+            text_len=synthetic.text_len,
+            fps=synthetic.fps,
+            seed=synthetic.seed,
+        )
+    accelerator.wait_for_everyone()
+    return LatentCache(
+        cfg.data.cache_dir,
+        model_version=target.version,
+        video_text_dim=target.video_text_dim,
+        audio_text_dim=target.audio_text_dim,
+        require_audio=cfg.mode in AUDIO_MODES,
+    )
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    kwargs = dict(lr=o.learning_rate, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    if o.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError(
+                "optim.optimizer = 'adamw8bit' needs bitsandbytes: pip install 'ltx-lora[bnb]' "
+                "(or use optim.optimizer = 'adamw')"
+            ) from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+
+
+def lr_factor(step: int, cfg: RunConfig) -> float:
+    """Learning-rate multiplier at `step`: linear warmup, then constant, linear or cosine decay to the final fraction."""
+    o, total = cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    decay = 1.0 - progress if o.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return o.final_lr_fraction + (1.0 - o.final_lr_fraction) * decay
+
+
+def noise_generator(seed: int, step: int, micro_step: int, rank: int) -> torch.Generator:
+    """The generator of one micro-batch's sigmas and noise: a pure function of where it is in the run."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro_step) * 131 + rank)
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """On resume, drop metric lines a crashed run wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Trains the LoRA the config describes; every input problem is raised before the model is built."""
+    output_dir = Path(cfg.output_dir)
+    check_output_dir(output_dir)
+    target = get_target(cfg.model.target)
+    identity = run_identity(cfg)
+
+    checkpoint = None
+    if resume:
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise CheckpointError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; start without --resume")
+        checkpoint = load_checkpoint(found[-1])
+        check_identity(checkpoint, identity)
+
+    use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and torch.cuda.is_available())
+    if use_bf16 and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision = 'bf16' needs a CUDA GPU; use 'auto' or 'no' on the CPU")
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=cfg.mode not in AUDIO_MODES)
+    accelerator = Accelerator(
+        mixed_precision="bf16" if use_bf16 else "no",
+        cpu=not torch.cuda.is_available(),
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+        kwargs_handlers=[ddp_kwargs],
+    )
+    dataset = open_dataset(cfg, target, accelerator)
+    if accelerator.is_main_process:
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False), encoding="utf-8")
+
+    model = build_transformer(target, cfg.model.checkpoint, cfg.model.init_seed, torch.bfloat16 if use_bf16 else torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        modules = inject_lora(model, cfg.lora.rank, cfg.lora_alpha, cfg.lora.dropout, cfg.lora_targets)
+    if cfg.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    params = lora_parameters(model)
+    optimizer = build_optimizer(params, cfg, accelerator.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step = 0
+    if checkpoint is not None:
+        set_lora_state_dict(accelerator.unwrap_model(model), checkpoint.adapter)
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+        scheduler.load_state_dict(checkpoint.scheduler_state)
+        restore_rng(checkpoint.rng)
+        start_step = checkpoint.step
+        logger.info("resuming from %s (step %d)", checkpoint.path, start_step)
+    else:
+        torch.manual_seed(cfg.train.seed)
+
+    accum, world, rank = cfg.train.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
+    plan = BatchPlan(
+        [dataset.shape_key(i) for i in range(len(dataset))],
+        cfg.train.batch_size,
+        cfg.train.seed,
+        start=start_step * accum * world,
+        rank=rank,
+        world_size=world,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=plan, collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=use_bf16
+    )
+    batches = iter(loader)
+
+    metrics_path = output_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        _keep_metrics_until(metrics_path, start_step) if checkpoint else metrics_path.unlink(missing_ok=True)
+    accelerator.init_trackers("tensorboard")
+    logger.info(
+        "training %s: %d LoRA modules, %d trainable parameters, %d samples, mode %s",
+        target.name, len(modules), sum(p.numel() for p in params), len(dataset), cfg.mode,
+    )
+
+    bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", unit="step",
+               disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    losses: list[float] = []
+    bad_steps = 0
+    step = start_step
+    last_saved = checkpoint.path if checkpoint else None
+    try:
+        while step < cfg.train.steps:
+            started = time.perf_counter()
+            model.train()
+            loss_sum = torch.zeros((), device=accelerator.device)
+            parts_sum: dict[str, torch.Tensor] = {}
+            for micro in range(accum):
+                batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
+                inputs = build_step_inputs(batch, cfg.mode, noise_generator(cfg.train.seed, step, micro, rank))
+                with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
+                    loss, parts = compute_loss(model, inputs)
+                    accelerator.backward(loss / accum)
+                loss_sum += loss.detach() / accum
+                for name, value in parts.items():
+                    parts_sum[name] = parts_sum.get(name, 0) + value / accum
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+            mean_loss = accelerator.reduce(loss_sum, "mean")
+            finite = bool(torch.isfinite(mean_loss) and torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                bad_steps = 0
+            else:
+                bad_steps += 1
+                logger.warning("step %d: non-finite loss or gradient (loss %s); step skipped", step + 1, mean_loss.item())
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            if bad_steps >= cfg.train.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                    f"stopped. The last good checkpoint is {last_saved or 'none (no checkpoint was written yet)'}; "
+                    f"lower optim.learning_rate or check the data, then resume with --resume"
+                )
+
+            seconds = time.perf_counter() - started
+            loss_value = mean_loss.item()
+            losses.append(loss_value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                          "sec_per_step": seconds, "skipped": not finite}
+                record.update({name: float(value) for name, value in parts_sum.items()})
+                accelerator.log(record, step=step)
+                if accelerator.is_main_process:
+                    with metrics_path.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
+            if finite and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps):
+                last_saved = _save(accelerator, model, optimizer, scheduler, cfg, identity, step) or last_saved
+    except KeyboardInterrupt:
+        bar.close()
+        if step > start_step and bad_steps == 0:
+            last_saved = _save(accelerator, model, optimizer, scheduler, cfg, identity, step) or last_saved
+        logger.warning("interrupted at step %d; checkpoint %s; continue with --resume", step, last_saved)
+        raise
+    bar.close()
+
+    exported: list[Path] = []
+    if accelerator.is_main_process:
+        exported = export_run(cfg, get_lora_state_dict(accelerator.unwrap_model(model)), output_dir)
+        for path in exported:
+            logger.info("exported %s", path)
+    accelerator.end_training()
+    return TrainResult(output_dir=output_dir, final_step=step, exported=exported, losses=losses)
+
+
+def _save(accelerator, model, optimizer, scheduler, cfg: RunConfig, identity: dict[str, Any], step: int) -> Path | None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    adapter = get_lora_state_dict(accelerator.unwrap_model(model))
+    return save_checkpoint(cfg.output_dir, step, adapter, optimizer, scheduler, identity, cfg.train.keep_last)
