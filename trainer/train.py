@@ -162,7 +162,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
     use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and torch.cuda.is_available())
     if use_bf16 and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision = 'bf16' needs a CUDA GPU; use 'auto' or 'no' on the CPU")
-    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=cfg.mode not in AUDIO_MODES)
+    # Video-only modes isolate the audio stream, so adapters on audio modules get no gradient, which DDP must be told.
+    audio_adapters_idle = cfg.mode not in AUDIO_MODES and cfg.lora_targets not in ("video", "ic-lora")
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=audio_adapters_idle)
     accelerator = Accelerator(
         mixed_precision="bf16" if use_bf16 else "no",
         cpu=not torch.cuda.is_available(),
@@ -178,6 +180,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         modules = inject_lora(model, cfg.lora.rank, cfg.lora_alpha, cfg.lora.dropout, cfg.lora_targets)
+    idle = [m for m in modules if "audio" in m]
+    if cfg.mode not in AUDIO_MODES and idle:
+        logger.warning("mode %s isolates the audio stream: the %d adapters on audio modules (e.g. %s) will not learn",
+                       cfg.mode, len(idle), idle[0])
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     params = lora_parameters(model)

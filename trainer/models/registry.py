@@ -133,14 +133,23 @@ def get_target(name: str) -> ModelTarget:
         raise ValueError(f"unknown model target {name!r}; known targets: {', '.join(TARGETS)}") from None
 
 
-def build_random_transformer(target: ModelTarget, seed: int, dtype: torch.dtype = torch.float32):
-    """The target's transformer with seeded random weights: tiny targets for tests, full size for benchmarks."""
+def build_random_transformer(
+    target: ModelTarget, seed: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
+    """The target's transformer with seeded random weights: tiny targets for tests, full size for benchmarks.
+
+    Parameters are created directly in `dtype` on `device`: a full-size model never exists in fp32 on the host.
+    """
     from diffusers import LTX2VideoTransformer3DModel
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LTX2VideoTransformer3DModel.from_config(target.transformer_config)
-    return model if dtype == torch.float32 else model.to(dtype)
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            return LTX2VideoTransformer3DModel.from_config(target.transformer_config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def build_transformer(target: ModelTarget, checkpoint: str | None, seed: int, dtype: torch.dtype):
