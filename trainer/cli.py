@@ -12,8 +12,9 @@ from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError
 from trainer.data.cache import CacheError
 from trainer.lora_files import LoraFileError
+from trainer.models.loading import WeightsError
 
-USER_ERRORS = (ConfigError, CheckpointError, CacheError, LoraFileError)
+USER_ERRORS = (ConfigError, CheckpointError, CacheError, LoraFileError, WeightsError)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -47,6 +48,26 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_weights(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.models.loading import check_weights
+    from trainer.models.registry import check_checkpoint, get_target
+
+    source = Path(args.source)
+    if source.suffix in (".yaml", ".yml"):
+        cfg = load_config(source)
+        if cfg.model.checkpoint is None:
+            print(f"{source}: model {cfg.model.target} has no checkpoint (random weights); nothing to check")
+            return 0
+        check_checkpoint(get_target(cfg.model.target), cfg.model.checkpoint)
+        paths = [cfg.model.checkpoint] + ([cfg.model.components] if cfg.model.components else [])
+    else:
+        paths = [str(source)]
+    for path in paths:
+        print(check_weights(path))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltx-lora", description="LoRA training for LTX-2.3 and LTX-2.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="show a LoRA file's target, rank, modules and problems")
     inspect.add_argument("file", help="a LoRA .safetensors file")
     inspect.set_defaults(run=_inspect)
+
+    check = commands.add_parser("check-weights", help="load and verify the weights a config (or a path) names")
+    check.add_argument("source", help="a run config (.yaml), or a checkpoint file or diffusers folder")
+    check.set_defaults(run=_check_weights)
     return parser
 
 

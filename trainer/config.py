@@ -35,23 +35,27 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 class ModelSection(_Strict):
     target: Literal["ltx-2.3", "ltx-2", "tiny-ltx-2.3", "tiny-ltx-2"] = "ltx-2.3"
-    # Path to the public weights; reading them is not supported yet, so only tiny targets train today.
+    # The public weights: a Lightricks single file, a transformer-only file, or a diffusers-format folder. The
+    # architecture is read from it; `target` names the version it must be and the LoRA family it trains.
     checkpoint: str | None = None
-    # Seed of the random weights of the tiny targets.
+    # Where the VAEs, audio VAE, vocoder and text connectors are, when `checkpoint` holds only the transformer.
+    components: str | None = None
+    # A local Gemma 3 12B folder (Hugging Face layout) with its tokenizer, for encoding captions.
+    text_encoder: str | None = None
+    # Seed of the random weights of a tiny target built without a checkpoint.
     init_seed: int = 0
 
     @model_validator(mode="after")
-    def _weights_available(self) -> "ModelSection":
-        if self.checkpoint is not None:
+    def _weights_given(self) -> "ModelSection":
+        if self.checkpoint is None and not TARGETS[self.target].tiny:
             raise ValueError(
-                f"model.checkpoint = {self.checkpoint!r}: loading public weights is not supported by this version "
-                f"yet; use a tiny-* target ({', '.join(t for t in TARGETS if TARGETS[t].tiny)})"
+                f"model.target = {self.target!r} needs its public weights: set model.checkpoint to the "
+                f"single-file release or the diffusers folder (only tiny-* targets can be built with random weights)"
             )
-        if not TARGETS[self.target].tiny:
-            raise ValueError(
-                f"model.target = {self.target!r} needs its public weights (model.checkpoint), which this version "
-                f"cannot load yet; use a tiny-* target ({', '.join(t for t in TARGETS if TARGETS[t].tiny)})"
-            )
+        for key in ("checkpoint", "components", "text_encoder"):
+            value = getattr(self, key)
+            if value is not None and not Path(value).exists():
+                raise ValueError(f"model.{key} = {value!r} does not exist")
         return self
 
 

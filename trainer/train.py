@@ -37,7 +37,7 @@ from trainer.data.cache import LatentCache
 from trainer.data.synthetic import ensure_synthetic_cache
 from trainer.lora import get_lora_state_dict, inject_lora, lora_parameters, set_lora_state_dict
 from trainer.export import export_run
-from trainer.models.registry import ModelTarget, build_transformer, get_target
+from trainer.models.registry import ModelTarget, build_transformer, check_checkpoint, get_target
 from trainer.modes import build_step_inputs, compute_loss
 
 logger = logging.getLogger("ltx_lora")
@@ -159,6 +159,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
         checkpoint = load_checkpoint(found[-1])
         check_identity(checkpoint, identity)
 
+    if cfg.model.checkpoint is not None:
+        check_checkpoint(target, cfg.model.checkpoint)
+
     use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and torch.cuda.is_available())
     if use_bf16 and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision = 'bf16' needs a CUDA GPU; use 'auto' or 'no' on the CPU")
@@ -176,7 +179,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
     if accelerator.is_main_process:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False), encoding="utf-8")
 
-    model = build_transformer(target, cfg.model.checkpoint, cfg.model.init_seed, torch.bfloat16 if use_bf16 else torch.float32)
+    model = build_transformer(
+        target, cfg.model.checkpoint, cfg.model.init_seed, torch.bfloat16 if use_bf16 else torch.float32,
+        accelerator.device,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         modules = inject_lora(model, cfg.lora.rank, cfg.lora_alpha, cfg.lora.dropout, cfg.lora_targets)

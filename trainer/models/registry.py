@@ -152,9 +152,27 @@ def build_random_transformer(
         torch.set_default_dtype(previous)
 
 
-def build_transformer(target: ModelTarget, checkpoint: str | None, seed: int, dtype: torch.dtype):
-    """The loading seam: where a production target's public weights will be read. Today only the random-weight
-    tiny targets can be built; the config validation refuses anything else before this is reached."""
-    if checkpoint is not None or not target.tiny:
-        raise NotImplementedError(f"loading weights for {target.name!r} is not supported by this version yet")
-    return build_random_transformer(target, seed, dtype)
+def check_checkpoint(target: ModelTarget, checkpoint: str):
+    """Reads only the checkpoint's headers, so a wrong file fails before anything heavy is loaded."""
+    from trainer.models.loading import WeightsError, detect_checkpoint
+
+    info = detect_checkpoint(checkpoint)
+    if info.version != target.version:
+        right = next(name for name, t in TARGETS.items() if t.version == info.version and t.tiny == target.tiny)
+        raise WeightsError(
+            f"{checkpoint}: an LTX-{info.version} checkpoint, but model.target = {target.name!r} is LTX-{target.version}; "
+            f"set model.target = {right!r} (LoRAs of one version do not work on the other)"
+        )
+    return info
+
+
+def build_transformer(
+    target: ModelTarget, checkpoint: str | None, seed: int, dtype: torch.dtype, device: str | torch.device = "cpu"
+):
+    """The loading seam: the public weights when a checkpoint is given (architecture read from the file), else
+    seeded random weights (tiny targets; the config refuses production targets without a checkpoint)."""
+    if checkpoint is None:
+        return build_random_transformer(target, seed, dtype, device)
+    from trainer.models.loading import load_transformer
+
+    return load_transformer(checkpoint, dtype, device)
