@@ -4,6 +4,7 @@ import pytest
 import torch
 import yaml
 from test_loading import _bundle, _metadata, _original_state, _write  # tiny checkpoints in the public layout
+from tiny_gemma import write_tiny_gemma
 
 import trainer.train as train_module
 from trainer.cli import main
@@ -59,9 +60,12 @@ def test_check_weights_command_on_a_file_and_on_a_config(tmp_path, capsys, singl
     assert "transformer" in report and "video_vae" in report and "every tensor read" in report
 
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(_config(tmp_path, path)))
+    with_text = _config(tmp_path, path)
+    with_text["model"]["text_encoder"] = str(write_tiny_gemma(tmp_path / "gemma"))
+    config.write_text(yaml.safe_dump(with_text))
     assert main(["check-weights", str(config)]) == 0
-    assert "transformer" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "transformer" in report and "text encoder  Gemma 3, hidden size" in report
 
     config.write_text(yaml.safe_dump(_config(tmp_path, path, target="tiny-ltx-2")))
     assert main(["check-weights", str(config)]) == 2

@@ -13,8 +13,9 @@ from trainer.config import ConfigError
 from trainer.data.cache import CacheError
 from trainer.lora_files import LoraFileError
 from trainer.models.loading import WeightsError
+from trainer.models.text import TextEncoderError
 
-USER_ERRORS = (ConfigError, CheckpointError, CacheError, LoraFileError, WeightsError)
+USER_ERRORS = (ConfigError, CheckpointError, CacheError, LoraFileError, WeightsError, TextEncoderError)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -59,13 +60,30 @@ def _check_weights(args: argparse.Namespace) -> int:
         if cfg.model.checkpoint is None:
             print(f"{source}: model {cfg.model.target} has no checkpoint (random weights); nothing to check")
             return 0
-        check_checkpoint(get_target(cfg.model.target), cfg.model.checkpoint)
+        target = get_target(cfg.model.target)
+        check_checkpoint(target, cfg.model.checkpoint)
         paths = [cfg.model.checkpoint] + ([cfg.model.components] if cfg.model.components else [])
     else:
-        paths = [str(source)]
+        cfg, paths = None, [str(source)]
     for path in paths:
         print(check_weights(path))
+    if cfg is not None and cfg.model.text_encoder is not None:
+        print(_check_text_encoder(cfg.model.text_encoder, tiny=target.tiny))
     return 0
+
+
+def _check_text_encoder(path: str, tiny: bool) -> str:
+    import torch
+
+    from trainer.models.text import load_text_encoder
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = {"expected_hidden_size": None, "expected_layers": None} if tiny else {}
+    model, tokenizer = load_text_encoder(path, dtype=torch.bfloat16, device=device, **sizes)
+    config = model.config
+    parameters = sum(p.numel() for p in model.parameters())
+    return (f"{path}\n  text encoder  Gemma 3, hidden size {config.hidden_size}, {config.num_hidden_layers} layers, "
+            f"{parameters / 1e9:.2f}B parameters; tokenizer with {len(tokenizer)} tokens, BOS {tokenizer.bos_token!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
