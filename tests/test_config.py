@@ -40,6 +40,10 @@ def test_misspelt_key_is_named_with_a_suggestion():
         ("lora.targets=vidoe", "lora.targets = 'vidoe': must be 'auto', one of"),
         ("model.target=ltx-2.3", "model.target = 'ltx-2.3' needs its public weights"),
         ("recipe=fancy", "recipe = 'fancy': accepted: character, style, motion"),
+        ("model.checkpoint=Lightricks/LTX-2.3", "model.checkpoint = 'Lightricks/LTX-2.3' does not exist. Nothing is "
+                                                "downloaded at run time: fetch the weights first, e.g. `hf download"),
+        ("model.text_encoder=/nowhere/gemma", "model.text_encoder = '/nowhere/gemma' does not exist. Nothing is "
+                                              "downloaded at run time: fetch Gemma 3 12B first"),
     ],
 )
 def test_impossible_values_are_named(override, expected):

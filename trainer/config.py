@@ -55,8 +55,21 @@ class ModelSection(_Strict):
         for key in ("checkpoint", "components", "text_encoder"):
             value = getattr(self, key)
             if value is not None and not Path(value).exists():
-                raise ValueError(f"model.{key} = {value!r} does not exist")
+                raise ValueError(f"model.{key} = {value!r} does not exist. {_DOWNLOAD_HINTS[key]}")
         return self
+
+
+# ltx-lora never downloads: a path that is missing (or a hub id) gets told what to fetch and where.
+_DOWNLOAD_HINTS = {
+    "checkpoint": "Nothing is downloaded at run time: fetch the weights first, e.g. `hf download Lightricks/LTX-2.3 "
+    "ltx-2.3-22b-dev.safetensors --local-dir /models` (LTX-2: `hf download Lightricks/LTX-2 "
+    "ltx-2-19b-dev.safetensors --local-dir /models`), then set model.checkpoint to the downloaded file",
+    "components": "Point it at the single-file release or the diffusers folder that holds the VAEs, vocoder and "
+    "text connectors",
+    "text_encoder": "Nothing is downloaded at run time: fetch Gemma 3 12B first, e.g. `hf download "
+    "google/gemma-3-12b-it --local-dir /models/gemma-3-12b-it` (gated: accept its licence on Hugging Face), then "
+    "set model.text_encoder to that folder",
+}
 
 
 class LoraSection(_Strict):
