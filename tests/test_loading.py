@@ -19,6 +19,7 @@ from diffusers.pipelines.ltx2 import LTX2TextConnectors, LTX2Vocoder, LTX2Vocode
 from safetensors.torch import save_file
 
 from trainer.models import loading
+from trainer.models.component_keys import _connector_stack
 from trainer.models.loading import (
     WeightsError,
     _transformer_config,
@@ -353,6 +354,22 @@ def _write(path, state, metadata=None):
     return path
 
 
+def _write_diffusers_transformer(root, bundle, state):
+    """A diffusers pipeline folder holding only transformer/ (config.json + `state` under diffusers names)."""
+    folder = root / "transformer"
+    folder.mkdir(parents=True)
+    bundle["transformer"].save_config(folder)
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    return root
+
+
+def _write_raw_safetensors(path, header, data_bytes=16):
+    """A file with a hand-written safetensors header (8-byte length, JSON), for headers save_file would not write."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(data_bytes))
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Forward comparisons
 # ---------------------------------------------------------------------------------------------------------------
@@ -586,24 +603,29 @@ def _quantize(tensor):
     return quantized, scale.reshape(()), quantized.float() * scale
 
 
-@pytest.mark.parametrize("layout", ["lightricks", "comfy-legacy"])
+@pytest.mark.parametrize("layout", ["lightricks", "comfy-legacy", "diffusers-dir"])
 def test_fp8_scaled_weights_are_dequantized(bundle23, tmp_path, layout):
-    state = _original_state(bundle23, ["transformer"])
     reference = {k: v.clone() for k, v in bundle23["transformer"].state_dict().items()}
-    names = {_original_transformer_key(k): k for k in reference}
-    for key in [k for k in state if ".transformer_blocks." in k and k.endswith(".weight") and state[k].ndim == 2]:
+    # a diffusers folder keeps diffusers names (and the `weight_scale` / `input_scale` companions of the fp8 releases)
+    key_of = (lambda name: name) if layout == "diffusers-dir" else _original_transformer_key
+    names = {key_of(k): k for k in reference}
+    state = {key_of(k): v.contiguous() for k, v in reference.items()}
+    for key in [k for k in state if "transformer_blocks." in k and k.endswith(".weight") and state[k].ndim == 2]:
         original = state[key]
         state[key], scale, reference[names[key]] = _quantize(original)
         # e4m3 keeps 3 mantissa bits: within 2^-4 relative, or 2^-9 of the scale near zero
         torch.testing.assert_close(reference[names[key]], original, rtol=2**-4, atol=float(scale) * 2**-9)
         layer = key.removesuffix(".weight")
-        if layout == "lightricks":
+        if layout != "comfy-legacy":
             state[layer + ".weight_scale"], state[layer + ".input_scale"] = scale, torch.tensor(1.0)
         else:
             state[layer + ".scale_weight"], state[layer + ".scale_input"] = scale, torch.tensor(1.0)
     if layout == "comfy-legacy":
         state[P + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    path = _write(tmp_path / "fp8.safetensors", state, _metadata("2.3"))
+    if layout == "diffusers-dir":
+        path = _write_diffusers_transformer(tmp_path, bundle23, state)
+    else:
+        path = _write(tmp_path / "fp8.safetensors", state, _metadata("2.3"))
     info = detect_checkpoint(path)
     assert info.fp8 and info.dtype_counts["transformer"]["F8_E4M3"] > 0
     model = load_transformer(path, torch.float32)
@@ -714,6 +736,29 @@ def _bad(tmp_path, bundle23, case):
         return _write(tmp_path / "model.safetensors", state, metadata)
     if case == "no-path":
         return tmp_path / "nowhere.safetensors"
+    if case in ("lora-folder", "int8-folder"):  # a diffusers folder gets the same refusals as a single file
+        diffusers_state = {k: v.contiguous() for k, v in bundle23["transformer"].state_dict().items()}
+        if case == "lora-folder":
+            diffusers_state["transformer_blocks.0.attn1.to_q.lora_A.weight"] = torch.zeros(4, 32)
+        else:
+            diffusers_state["transformer_blocks.0.attn1.to_q.weight"] = torch.zeros(32, 32, dtype=torch.uint8)
+        return _write_diffusers_transformer(tmp_path / "pipeline", bundle23, diffusers_state)
+    if case.startswith("header-"):
+        entry = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+        header = {
+            "header-offsets": {P + "patchify_proj.weight": {**entry, "data_offsets": ["0", 16]}},
+            "header-dtype": {P + "patchify_proj.weight": {**entry, "dtype": 7}},
+            "header-shape": {P + "patchify_proj.weight": {**entry, "shape": [2, "2"]}},
+            "header-entry": {P + "patchify_proj.weight": [0, 16]},
+            "header-metadata": {"__metadata__": {"config": {"transformer": {}}}, P + "patchify_proj.weight": entry},
+        }[case]
+        return _write_raw_safetensors(tmp_path / "model.safetensors", header)
+    if case == "audio-vae-model":
+        return _write(tmp_path / "model.safetensors", state, _metadata("2.3", audio_vae={"model": "oops"}))
+    if case == "audio-vae-preprocessing":
+        return _write(tmp_path / "model.safetensors", state, _metadata("2.3", audio_vae={"preprocessing": ["stft"]}))
+    if case == "vae-encoder-width":
+        return _write(tmp_path / "model.safetensors", state, _metadata("2.3", vae={"encoder_base_channels": 16}))
     raise AssertionError(case)
 
 
@@ -742,6 +787,25 @@ REFUSALS = {
                       r"1 missing \(transformer_blocks\.1\.attn2\.to_v\.bias\)",
     "extra-tensor": r"model\.safetensors: .* 1 not in the model \(transformer_blocks\.0\.attn1\.to_r\.weight",
     "no-path": r"nowhere\.safetensors: no such file or folder",
+    "lora-folder": r"pipeline/transformer/diffusion_pytorch_model\.safetensors: this is a LoRA, not a base model "
+                   r"\(found 'transformer_blocks\.0\.attn1\.to_q\.lora_A\.weight'\)",
+    "int8-folder": r"pipeline/transformer/diffusion_pytorch_model\.safetensors: transformer weights stored as U8 "
+                   r"\(transformer_blocks\.0\.attn1\.to_q\.weight\): int8 / nvfp4 .*not supported",
+    "header-offsets": r"model\.safetensors: not a safetensors file: header entry 'model\.diffusion_model\."
+                      r"patchify_proj\.weight' has data_offsets \['0', 16\]; expected two non-negative integers",
+    "header-dtype": r"model\.safetensors: not a safetensors file: header entry '.*patchify_proj\.weight' has dtype 7; "
+                    r"expected a string",
+    "header-shape": r"model\.safetensors: not a safetensors file: header entry '.*patchify_proj\.weight' has shape "
+                    r"\[2, '2'\]; expected a list of non-negative integers",
+    "header-entry": r"model\.safetensors: not a safetensors file: header entry '.*patchify_proj\.weight' is \[0, 16\]; "
+                    r"expected a JSON object with dtype, shape and data_offsets",
+    "header-metadata": r"model\.safetensors: not a safetensors file: its header __metadata__ is .*; expected a JSON "
+                       r"object of strings",
+    "audio-vae-model": r"model\.safetensors: metadata audio_vae\.model is 'oops'; expected a JSON object",
+    "audio-vae-preprocessing": r"model\.safetensors: metadata audio_vae\.preprocessing is \['stft'\]; expected a "
+                               r"JSON object",
+    "vae-encoder-width": r"model\.safetensors: metadata vae\.encoder_base_channels=16 differs from latent_channels=8; "
+                         r".*only encoder_base_channels equal to latent_channels .* is supported",
 }
 
 
@@ -760,3 +824,49 @@ def test_diffusers_folder_of_another_family_is_refused(tmp_path):
         detect_checkpoint(tmp_path)
     with pytest.raises(WeightsError, match=r"not a diffusers LTX-2 pipeline: there is no transformer/config\.json"):
         detect_checkpoint(tmp_path / "transformer")
+
+
+def test_head_count_messages_name_the_stream():
+    # LTX-2 shapes (caption projection, no gates): the heads come from the 128 / 64 head sizes or the config.
+    shapes = {"proj_in.weight": (128, 128), "audio_proj_in.weight": (64, 128),
+              "caption_projection.linear_1.weight": (128, 24)}
+    with pytest.raises(WeightsError, match=r"t\.safetensors: cannot tell the audio attention heads: the audio width 48 "
+                                           r"is no multiple of LTX-2's head size 64, .*declares no "
+                                           r"audio_num_attention_heads"):
+        _transformer_config("t.safetensors", {**shapes, "audio_proj_in.weight": (48, 128)}, {})
+    with pytest.raises(WeightsError, match=r"cannot tell the video attention heads: the video width 100 "):
+        _transformer_config("t.safetensors", {**shapes, "proj_in.weight": (100, 128)}, {})
+    declared = {"audio_num_attention_heads": ("audio_num_attention_heads", 5)}
+    with pytest.raises(WeightsError, match=r"t\.safetensors: the audio width 64 does not split into 5 heads"):
+        _transformer_config("t.safetensors", shapes, declared)
+    declared = {"num_attention_heads": ("num_attention_heads", 0)}
+    with pytest.raises(WeightsError, match=r"its config says num_attention_heads=0; expected a positive integer"):
+        _transformer_config("t.safetensors", shapes, declared)
+
+
+def test_connector_head_count_messages_say_what_is_wrong():
+    # No gates, no declared head count and a width below LTX-2's head size 128: nothing tells the heads.
+    for stream, also in (("video", ""), ("audio", r" \(or connector_num_attention_heads\)")):
+        shapes = {f"{stream}_connector.transformer_blocks.0.attn1.to_q.weight": (64, 64)}
+        with pytest.raises(WeightsError, match=rf"c\.safetensors: cannot tell the {stream} connector's attention "
+                                               rf"heads: its width 64 is no multiple of LTX-2's head size 128, its "
+                                               rf"blocks have no per-head gates and the checkpoint declares no "
+                                               rf"{'audio_' if stream == 'audio' else ''}connector_num_attention_heads"
+                                               rf"{also}$"):
+            _connector_stack("c.safetensors", stream, shapes, {})
+    shapes = {"video_connector.transformer_blocks.0.attn1.to_q.weight": (64, 64)}
+    with pytest.raises(WeightsError, match=r"its config says connector_num_attention_heads=0 for the video "
+                                           r"connector; expected a positive integer"):
+        _connector_stack("c.safetensors", "video", shapes, {"connector_num_attention_heads": 0})
+    with pytest.raises(WeightsError, match=r"the video connector width 64 does not split into 3 heads"):
+        _connector_stack("c.safetensors", "video", shapes, {"connector_num_attention_heads": 3})
+
+
+def test_check_weights_on_a_folder_without_text_projection_says_so(bundle23, tmp_path):
+    bundle23["transformer"].save_pretrained(tmp_path / "transformer")
+    bundle23["connectors"].save_config(tmp_path / "connectors")
+    state = {k: v.contiguous() for k, v in bundle23["connectors"].state_dict().items() if "text_proj_in." not in k}
+    save_file(state, str(tmp_path / "connectors" / "diffusion_pytorch_model.safetensors"))
+    report = check_weights(tmp_path)
+    assert "connectors    not checked: the connectors folder holds no text projection" in report, report
+    assert "ComfyUI" not in report and "this file" not in report

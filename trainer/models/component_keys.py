@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from trainer.models.safetensors_files import WeightsError
+from trainer.models.safetensors_files import WeightsError, _short
 from trainer.models.transformer_keys import _CONNECTOR_PREFIXES, _GEMMA3_HIDDEN_SIZE, _block_count
 
 
@@ -99,10 +99,29 @@ def _connector_stack(where: str, stream: str, shapes, section: dict[str, Any]) -
         # ltx-core: the audio connector falls back to the video connector's settings
         return section.get(f"audio_{setting}", section.get(setting)) if stream == "audio" else section.get(setting)
 
-    heads = gate[0] if gate is not None else declared("connector_num_attention_heads") or width // _CONNECTOR_HEAD_DIM
+    said_heads = declared("connector_num_attention_heads")
+    heads_setting = "audio_connector_num_attention_heads" if stream == "audio" else "connector_num_attention_heads"
+    if gate is not None:
+        heads = gate[0]  # the per-head output gate is Linear(dim, heads)
+    elif said_heads is not None:
+        if not isinstance(said_heads, int) or isinstance(said_heads, bool) or said_heads < 1:
+            raise WeightsError(
+                f"{where}: its config says {heads_setting}={said_heads!r} for the {stream} connector; expected a "
+                "positive integer"
+            )
+        heads = said_heads
+    elif width % _CONNECTOR_HEAD_DIM == 0:
+        heads = width // _CONNECTOR_HEAD_DIM
+    else:
+        also = " (or connector_num_attention_heads)" if stream == "audio" else ""
+        raise WeightsError(
+            f"{where}: cannot tell the {stream} connector's attention heads: its width {width} is no multiple of "
+            f"LTX-2's head size {_CONNECTOR_HEAD_DIM}, its blocks have no per-head gates and the checkpoint declares "
+            f"no {heads_setting}{also}"
+        )
     values = {
         "connector_num_attention_heads": heads,
-        "connector_attention_head_dim": width // heads if heads and width % heads == 0 else None,
+        "connector_attention_head_dim": width // heads if width % heads == 0 else None,
         "connector_num_layers": _block_count(where, shapes, prefix + "transformer_blocks."),
         "connector_num_learnable_registers": registers[0] if registers is not None else None,
         "connector_apply_gated_attention": gate is not None,
@@ -200,9 +219,11 @@ def _block_list(where: str, blocks: Any, resamplers: dict[str, str], field_name:
 
 def _video_vae_config(where: str, section: dict[str, Any]) -> dict[str, Any]:
     """`AutoencoderKLLTX2Video` config from the metadata `vae` section (ltx-core's `CausalVideoAutoencoder` fields)."""
-    kind = section.get("_class_name", "CausalVideoAutoencoder")
-    if kind != "CausalVideoAutoencoder":
-        raise WeightsError(f"{where}: vae _class_name {kind!r} (LTX-2.5's diffusion decoder?) is not supported yet")
+    class_name = section.get("_class_name", "CausalVideoAutoencoder")
+    if class_name != "CausalVideoAutoencoder":
+        raise WeightsError(
+            f"{where}: vae _class_name {class_name!r} (LTX-2.5's diffusion decoder?) is not supported yet"
+        )
     for setting, supported in (("dims", 3), ("norm_layer", "pixel_norm"), ("latent_log_var", "uniform")):
         if section.get(setting, supported) != supported:
             raise WeightsError(
@@ -213,6 +234,17 @@ def _video_vae_config(where: str, section: dict[str, Any]) -> dict[str, Any]:
     decoder_stacks, upsamplers = _block_list(where, section.get("decoder_blocks"), _DECODER_UPSAMPLES,
                                              "decoder_blocks")
     latent_channels = section.get("latent_channels", 128)
+    # diffusers builds the encoder's first layer latent_channels wide; ltx-core builds it encoder_base_channels wide.
+    # Every LTX-2 / LTX-2.3 release declares the two equal; a file that declares otherwise cannot be represented. (A
+    # file that leaves it out is judged by its tensor shapes alone.)
+    encoder_base = section.get("encoder_base_channels", latent_channels)
+    if encoder_base != latent_channels:
+        raise WeightsError(
+            f"{where}: metadata vae.encoder_base_channels={encoder_base!r} differs from latent_channels="
+            f"{latent_channels!r}; diffusers' AutoencoderKLLTX2Video builds its first encoder layer latent_channels "
+            "wide, so only encoder_base_channels equal to latent_channels (as in every LTX-2 / LTX-2.3 release) is "
+            "supported"
+        )
     # The encoder widens from the latent width by each downsampler's multiplier.
     channels, encoder_channels = latent_channels, []
     for _, params in downsamplers:
@@ -224,8 +256,8 @@ def _video_vae_config(where: str, section: dict[str, Any]) -> dict[str, Any]:
     base = section.get("decoder_base_channels", 128)
     decoder_channels = [base * math.prod(factors[: index + 1]) for index in range(len(factors))]
     patch_size = section.get("patch_size", 4)
-    spatial_steps = sum(kind in ("spatial", "spatiotemporal") for kind, _ in downsamplers)
-    temporal_steps = sum(kind in ("temporal", "spatiotemporal") for kind, _ in downsamplers)
+    spatial_steps = sum(resampler in ("spatial", "spatiotemporal") for resampler, _ in downsamplers)
+    temporal_steps = sum(resampler in ("temporal", "spatiotemporal") for resampler, _ in downsamplers)
     return {
         "in_channels": section.get("in_channels", 3),
         "out_channels": section.get("out_channels", 3),
@@ -234,13 +266,13 @@ def _video_vae_config(where: str, section: dict[str, Any]) -> dict[str, Any]:
         "down_block_types": ("LTX2VideoDownBlock3D",) * len(downsamplers),
         "layers_per_block": tuple(stack["num_layers"] for stack in encoder_stacks),
         "spatio_temporal_scaling": (True,) * len(downsamplers),
-        "downsample_type": tuple(kind for kind, _ in downsamplers),
+        "downsample_type": tuple(resampler for resampler, _ in downsamplers),
         "decoder_block_out_channels": tuple(decoder_channels),
         "decoder_layers_per_block": tuple(stack["num_layers"] for stack in decoder_stacks),
         "decoder_spatio_temporal_scaling": (True,) * len(upsamplers),
         "decoder_inject_noise": tuple(stack.get("inject_noise", False) for stack in decoder_stacks),
         # diffusers takes the upsampler kinds from the bottleneck, every other decoder list from the pixel end
-        "upsample_type": tuple(kind for kind, _ in reversed(upsamplers)),
+        "upsample_type": tuple(resampler for resampler, _ in reversed(upsamplers)),
         "upsample_residual": tuple(params.get("residual", False) for _, params in upsamplers),
         "upsample_factor": tuple(factors),
         "timestep_conditioning": section.get("timestep_conditioning", True),
@@ -262,13 +294,19 @@ def _video_vae_config(where: str, section: dict[str, Any]) -> dict[str, Any]:
 
 def _audio_vae_config(where: str, section: dict[str, Any]) -> dict[str, Any]:
     """`AutoencoderKLLTX2Audio` config from the metadata `audio_vae` section (model.params.ddconfig + preprocessing)."""
-    params = section.get("model", {}).get("params", {})
+    model = _object(where, section, "model", "audio_vae")
+    params = _object(where, model, "params", "audio_vae.model")
     ddconfig = params.get("ddconfig")
     if not isinstance(ddconfig, dict):
-        raise WeightsError(f"{where}: metadata audio_vae has no model.params.ddconfig; cannot tell the audio VAE")
-    stft = section.get("preprocessing", {}).get("stft", {})
-    mel = section.get("preprocessing", {}).get("mel", {})
-    mel_bins = ddconfig.get("mel_bins") or mel.get("n_mel_channels") or section.get("variables", {}).get("mel_bins")
+        raise WeightsError(
+            f"{where}: metadata audio_vae has no model.params.ddconfig object (found {_short(ddconfig)}); cannot tell "
+            "the audio VAE"
+        )
+    preprocessing = _object(where, section, "preprocessing", "audio_vae")
+    stft = _object(where, preprocessing, "stft", "audio_vae.preprocessing")
+    mel = _object(where, preprocessing, "mel", "audio_vae.preprocessing")
+    variables = _object(where, section, "variables", "audio_vae")
+    mel_bins = ddconfig.get("mel_bins") or mel.get("n_mel_channels") or variables.get("mel_bins")
     if not mel_bins:
         raise WeightsError(f"{where}: metadata audio_vae names no mel_bins (ddconfig, preprocessing.mel or variables)")
     attention = ddconfig.get("attn_resolutions", (8, 16, 32))
@@ -291,6 +329,14 @@ def _audio_vae_config(where: str, section: dict[str, Any]) -> dict[str, Any]:
         "mel_bins": mel_bins,
         "double_z": ddconfig.get("double_z", True),
     }
+
+
+def _object(where: str, parent: dict[str, Any], name: str, parent_field: str) -> dict[str, Any]:
+    """The JSON object `parent[name]` of a metadata section ({} when absent), refusing any other value."""
+    value = parent.get(name, {})
+    if not isinstance(value, dict):
+        raise WeightsError(f"{where}: metadata {parent_field}.{name} is {_short(value)}; expected a JSON object")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -178,8 +178,12 @@ def check_weights(path: str | Path) -> str:
         if component not in info.components:
             continue
         if component == "connectors" and "text_projection" not in info.components:
-            lines.append("  connectors    not checked: the text projection is not in this file (ComfyUI keeps it "
-                         "with the text encoder)")
+            if info.layout == "diffusers-dir":
+                why = ("the connectors folder holds no text projection (text_proj_in.* or video_text_proj_in.* and "
+                       "audio_text_proj_in.*), which LTX2TextConnectors needs")
+            else:
+                why = "the text projection is not in this file (ComfyUI keeps it with the text encoder)"
+            lines.append(f"  connectors    not checked: {why}")
             continue
         plan = _plan(info, component)
         parameters = _verify(plan)
@@ -202,9 +206,7 @@ def _detect_file(path: Path) -> CheckpointInfo:
             "run arbitrary code. Convert it to safetensors (or download the .safetensors release)"
         )
     metadata, entries = _read_header(path)
-    lora = [key for key in entries if any(marker in key for marker in _LORA_MARKERS)]
-    if lora:
-        raise WeightsError(f"{path}: this is a LoRA, not a base model (found {lora[0]!r}); pass the base checkpoint")
+    _refuse_lora(entries)
     source_config = _metadata_config(path, metadata)
     _refuse_other_families(path, entries, metadata, source_config)
 
@@ -222,12 +224,7 @@ def _detect_file(path: Path) -> CheckpointInfo:
     if "transformer" not in tensors:
         raise WeightsError(f"{path}: holds no LTX-2 transformer, only {', '.join(sorted(tensors))}")
     transformer = tensors["transformer"]
-    integer = [k for k, e in transformer.items() if e.dtype in _INTEGER_WEIGHT_DTYPES and not _is_quant_companion(k)]
-    if integer:
-        raise WeightsError(
-            f"{path}: transformer weights stored as {transformer[integer[0]].dtype} ({integer[0]}): int8 / nvfp4 "
-            "quantized checkpoints are not supported; use a bf16, fp16, fp32 or scaled-fp8 file"
-        )
+    _refuse_integer_weights(transformer)
     shapes = {name: transformer[key].shape for name, key in convert_transformer_keys(transformer).items()}
     declared = _declared_from_metadata(path, source_config.get("transformer", {}))
     version, config = _transformer_config(str(path), shapes, declared)
@@ -257,6 +254,7 @@ def _detect_diffusers_dir(root: Path) -> CheckpointInfo:
             )
         source_config[folder] = config
         entries = _read_folder(root / folder)
+        _refuse_lora(entries)
         if component == "connectors":
             projection = {k: e for k, e in entries.items() if k.startswith(_DIFFUSERS_TEXT_PROJECTIONS)}
             entries = {k: e for k, e in entries.items() if k not in projection}
@@ -264,11 +262,32 @@ def _detect_diffusers_dir(root: Path) -> CheckpointInfo:
                 tensors["text_projection"] = projection
         tensors[component] = entries
 
+    _refuse_integer_weights(tensors["transformer"])
     where = root / "transformer"
     declared = {k: (k, v) for k, v in source_config["transformer"].items() if not k.startswith("_")}
-    shapes = {key: entry.shape for key, entry in tensors["transformer"].items()}
+    # as in single files, scaled-fp8 companions are no model tensors (`convert_transformer_keys` leaves them out there)
+    shapes = {key: entry.shape for key, entry in tensors["transformer"].items() if not _is_quant_companion(key)}
     version, config = _transformer_config(str(where), shapes, declared)
     return _info(root, "diffusers-dir", version, config, tensors, source_config)
+
+
+def _refuse_lora(entries: dict[str, TensorEntry]) -> None:
+    """Refuses LoRA weights passed as a base model (single file or a diffusers folder's safetensors)."""
+    for key, entry in entries.items():
+        if any(marker in key for marker in _LORA_MARKERS):
+            raise WeightsError(
+                f"{entry.file}: this is a LoRA, not a base model (found {key!r}); pass the base checkpoint"
+            )
+
+
+def _refuse_integer_weights(transformer: dict[str, TensorEntry]) -> None:
+    """Refuses int8 / nvfp4 transformer weights (integer dtypes); scaled fp8 is dequantized on load instead."""
+    for key, entry in transformer.items():
+        if entry.dtype in _INTEGER_WEIGHT_DTYPES and not _is_quant_companion(key):
+            raise WeightsError(
+                f"{entry.file}: transformer weights stored as {entry.dtype} ({key}): int8 / nvfp4 quantized "
+                "checkpoints are not supported; use a bf16, fp16, fp32 or scaled-fp8 checkpoint"
+            )
 
 
 def _info(path, layout, version, config, tensors, source_config) -> CheckpointInfo:
@@ -385,16 +404,24 @@ def _diffusers_plan(info: CheckpointInfo, component: str) -> _Plan:
     pool = dict(info.tensors[component])
     if component == "connectors":
         pool.update(info.tensors.get("text_projection", {}))
-    config = info.transformer_config if component == "transformer" else {
-        key: value for key, value in source.items() if not key.startswith("_")
-    }
-    return _Plan(str(info.path / folder), component, _model_class(source["_class_name"]), config, dict(pool), pool)
+    cls = _model_class(source["_class_name"])
+    where = str(info.path / folder)
+    if component == "transformer":  # keys are already diffusers names; scaled-fp8 companions as in single files
+        sources = {key: entry for key, entry in pool.items() if not _is_quant_companion(key)}
+        return _Plan(where, component, cls, info.transformer_config, sources, pool, _unused_quant_keys(pool))
+    config = {key: value for key, value in source.items() if not key.startswith("_")}
+    return _Plan(where, component, cls, config, dict(pool), pool)
+
+
+def _unused_quant_keys(pool: dict[str, TensorEntry]) -> set[str]:
+    """The transformer's quantization extras that dequantizing on load does not use (activation scales, notes)."""
+    return {key for key in pool if key.endswith(_UNUSED_QUANT_SUFFIXES)}
 
 
 def _transformer_plan(info: CheckpointInfo) -> _Plan:
     pool = info.tensors["transformer"]
     sources = {name: pool[key] for name, key in convert_transformer_keys(pool).items()}
-    ignored = {key for key in pool if key.endswith(_UNUSED_QUANT_SUFFIXES)}
+    ignored = _unused_quant_keys(pool)
     return _Plan(str(info.path), "transformer", _model_class("LTX2VideoTransformer3DModel"), info.transformer_config,
                  sources, pool, ignored)
 

@@ -56,20 +56,51 @@ def _read_header(file: Path) -> tuple[dict[str, str], dict[str, TensorEntry]]:
     if not isinstance(header, dict):
         raise WeightsError(f"{file}: not a safetensors file: its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightsError(
+            f"{file}: not a safetensors file: its header __metadata__ is {_short(metadata)}; expected a JSON object "
+            "of strings"
+        )
     data_bytes = size - 8 - length
     entries = {}
     for key, spec in header.items():
-        try:
-            dtype, shape, (start, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise WeightsError(f"{file}: not a safetensors file: malformed header entry {key!r}") from None
-        if not 0 <= start <= end <= data_bytes:
+        if not isinstance(spec, dict):
+            raise WeightsError(
+                f"{file}: not a safetensors file: header entry {key!r} is {_short(spec)}; expected a JSON object "
+                "with dtype, shape and data_offsets"
+            )
+        dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+        if not isinstance(dtype, str):
+            problem = f"dtype {_short(dtype)}; expected a string such as 'BF16'"
+        elif not _whole_numbers(shape):
+            problem = f"shape {_short(shape)}; expected a list of non-negative integers"
+        elif not (_whole_numbers(offsets) and len(offsets) == 2):
+            problem = f"data_offsets {_short(offsets)}; expected two non-negative integers [start, end]"
+        else:
+            problem = None
+        if problem:
+            raise WeightsError(f"{file}: not a safetensors file: header entry {key!r} has {problem}")
+        start, end = offsets
+        if not start <= end <= data_bytes:
             raise WeightsError(
                 f"{file}: truncated or corrupt: tensor {key!r} should sit at data bytes {start}..{end} but the file "
                 f"holds {data_bytes} data bytes; re-download it"
             )
-        entries[key] = TensorEntry(file, key, dtype, shape)
+        entries[key] = TensorEntry(file, key, dtype, tuple(shape))
     return metadata, entries
+
+
+def _whole_numbers(value: Any) -> bool:
+    """A JSON list of non-negative integers (booleans are not numbers here)."""
+    return isinstance(value, list) and all(
+        isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in value
+    )
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """`repr(value)`, cut short for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_folder(folder: Path) -> dict[str, TensorEntry]:

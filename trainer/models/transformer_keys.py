@@ -162,20 +162,25 @@ def _transformer_config(where: str, shapes: dict[str, tuple[int, ...]], declared
     version = "2.3" if gated or modulated else "2.0"
 
     def heads(stream: str, width: int, head_dim: int) -> int:
+        label = "audio" if stream else "video"
+        setting = f"{stream}num_attention_heads"
         gate = shapes.get(block + f"{stream}attn1.to_gate_logits.weight")
         if gate is not None:
             count = gate[0]  # the per-head output gate is Linear(dim, heads)
-        elif f"{stream}num_attention_heads" in declared:
-            count = declared[f"{stream}num_attention_heads"][1]
+        elif setting in declared:
+            original, count = declared[setting]
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise WeightsError(f"{where}: its config says {original}={count!r}; expected a positive integer")
         elif width % head_dim == 0:
             count = width // head_dim
         else:
             raise WeightsError(
-                f"{where}: cannot tell the {stream or 'video '}attention heads: width {width} is no multiple of "
-                f"LTX-2's head size {head_dim} and the checkpoint declares no {stream}num_attention_heads"
+                f"{where}: cannot tell the {label} attention heads: the {label} width {width} is no multiple of "
+                f"LTX-2's head size {head_dim}, the blocks have no per-head gates and the checkpoint declares no "
+                f"{setting}"
             )
         if width % count:
-            raise WeightsError(f"{where}: {stream or 'video '}width {width} does not split into {count} heads")
+            raise WeightsError(f"{where}: the {label} width {width} does not split into {count} heads")
         return count
 
     video_heads = heads("", inner, _VIDEO_HEAD_DIM)
