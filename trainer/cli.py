@@ -18,19 +18,39 @@ from trainer.models.text import TextEncoderError
 USER_ERRORS = (ConfigError, CheckpointError, CacheError, LoraFileError, WeightsError, TextEncoderError)
 
 
+
 def _train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.train import TrainingDiverged, train
 
     cfg = load_config(args.config, args.set)
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, data_source=args.data)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"done: step {result.final_step}; LoRA written to:")
     for path in result.exported:
         print(f"  {path}")
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.data.preprocess import REPORT, preprocess
+
+    cfg = load_config(args.config, args.set)
+    report = preprocess(cfg, args.data)
+    print(report.summary())
+    print(f"cache: {cfg.data.cache_dir} (report: {Path(cfg.data.cache_dir) / REPORT})")
+    return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from trainer.data.demo import write_demo_dataset
+
+    files = write_demo_dataset(args.dir)
+    print(f"demo dataset in {args.dir}: {len(files)} files")
     return 0
 
 
@@ -95,7 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.steps=100 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    train.add_argument("--data", metavar="DIR_OR_MANIFEST",
+                       help="media to preprocess into data.cache_dir first (default: data.source)")
     train.set_defaults(run=_train)
+
+    prep = commands.add_parser("preprocess", help="turn media and captions into the latent cache training reads")
+    prep.add_argument("config", help="path to the run's YAML config (model, data.cache_dir, buckets, fps)")
+    prep.add_argument("--data", metavar="DIR_OR_MANIFEST",
+                      help="a media folder or a CSV/JSONL manifest (default: data.source)")
+    prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    prep.set_defaults(run=_preprocess)
+
+    demo = commands.add_parser("demo-data", help="write a small synthetic dataset of clips with sound and captions")
+    demo.add_argument("dir", help="where to write it")
+    demo.set_defaults(run=_demo_data)
 
     export = commands.add_parser("export", help="convert a LoRA file or a training checkpoint to another format")
     export.add_argument("source", help="a LoRA .safetensors file, or a checkpoint folder (output_dir/checkpoints/step-N)")

@@ -151,8 +151,38 @@ class SyntheticSection(_Strict):
 
 class DataSection(_Strict):
     cache_dir: str
+    # A folder of media with same-stem .txt captions, or a CSV / JSONL manifest; `preprocess` turns it into the cache.
+    source: str | None = None
+    # Write the built-in demo dataset (short clips whose sound follows the motion) into `source` when it is missing.
+    demo: bool = False
+    # "auto", or a list of "WxHxF" buckets (W, H multiples of 32; F = 8k+1 for clips, 1 for images).
+    buckets: Literal["auto"] | list[str] = "auto"
+    # Frames are taken at this rate (resampled, not just the first F frames); audio/video alignment depends on it.
+    fps: PositiveFloat = 24.0
+    # Limits of the automatic buckets.
+    max_pixels: PositiveInt = 768 * 512
+    max_frames: PositiveInt = 121
     synthetic: SyntheticSection | None = None
     num_workers: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("buckets")
+    @classmethod
+    def _valid_buckets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            from trainer.data.media import parse_bucket
+
+            if not value:
+                raise ValueError("an empty list allows no sample; give 'auto' or buckets such as ['768x512x121']")
+            for text in value:
+                parse_bucket(text)
+        return value
+
+    @field_validator("max_frames")
+    @classmethod
+    def _max_frames_8k_plus_1(cls, value: int) -> int:
+        if (value - 1) % 8:
+            raise ValueError("must be 8k+1 (the VAE compresses time 8x after a causal first frame)")
+        return value
 
 
 class ExportSection(_Strict):

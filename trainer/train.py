@@ -34,6 +34,7 @@ from trainer.checkpoint import (
 from trainer.config import AUDIO_MODES, ConfigError, RunConfig
 from trainer.data.batches import BatchPlan, collate
 from trainer.data.cache import LatentCache
+from trainer.data.preprocess import preprocess
 from trainer.data.synthetic import ensure_synthetic_cache
 from trainer.lora import get_lora_state_dict, inject_lora, lora_parameters, set_lora_state_dict
 from trainer.export import export_run
@@ -144,8 +145,10 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Trains the LoRA the config describes; every input problem is raised before the model is built."""
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_source: str | None = None) -> TrainResult:
+    """Trains the LoRA the config describes; every input problem is raised before the model is built.
+
+    With a data source (`data_source`, else `data.source`) the cache is first brought up to date from the media."""
     output_dir = Path(cfg.output_dir)
     check_output_dir(output_dir)
     target = get_target(cfg.model.target)
@@ -175,6 +178,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
         project_dir=str(output_dir),
         kwargs_handlers=[ddp_kwargs],
     )
+    source = data_source or cfg.data.source
+    if source is not None:
+        preprocess(cfg, source, progress=progress)
     dataset = open_dataset(cfg, target, accelerator)
     if accelerator.is_main_process:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False), encoding="utf-8")
