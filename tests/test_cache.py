@@ -75,7 +75,8 @@ def test_manifest_content_and_shape_keys(tmp_path):
     assert manifest["ltx_lora_cache_version"] == 1 and manifest["model_version"] == "2.3"
     assert manifest["samples"][0] == {
         "file": "a.safetensors", "video_shape": [128, 2, 3, 4], "audio_shape": [8, 7, 16], "text_len": 5,
-        "has_video_loss_mask": False, "caption": "a cat", "fps": 24.0,
+        "has_video_loss_mask": False, "reference_shape": None, "reference_downscale": None,
+        "reference_temporal_scale": None, "caption": "a cat", "fps": 24.0,
     }
     assert [s["file"] for s in manifest["samples"]] == ["a.safetensors", "b.safetensors", "c.safetensors"]
     assert manifest["samples"][1]["audio_shape"] is None
@@ -83,7 +84,72 @@ def test_manifest_content_and_shape_keys(tmp_path):
     dataset = _open(tmp_path, require_audio=False)
     keys = [dataset.shape_key(i) for i in range(3)]
     assert len(set(keys)) == 3  # audio or not, and fps, each separate a batch
-    assert keys[0] == ((128, 2, 3, 4), (8, 7, 16), 5, False, 24.0)
+    assert keys[0] == ((128, 2, 3, 4), (8, 7, 16), 5, False, 24.0, None, None, None)
+
+
+def _with_reference(frames=2, downscale=2, temporal_scale=1):
+    tensors = _tensors()
+    tensors["reference_latents"] = torch.randn(128, frames, 3, 2)
+    return tensors, _metadata(reference_downscale=downscale, reference_temporal_scale=temporal_scale)
+
+
+def test_reference_latents_round_trip_and_separate_batches(tmp_path):
+    write_sample(tmp_path, "plain", _tensors(), _metadata())
+    for name, frames, downscale in (("a", 2, 2), ("b", 2, 2), ("c", 1, 2), ("d", 2, 1)):
+        write_sample(tmp_path, name, *_with_reference(frames, downscale))
+    write_manifest(tmp_path, "2.3")
+    entry = json.loads((tmp_path / "manifest.json").read_text())["samples"][0]
+    assert (entry["reference_shape"], entry["reference_downscale"], entry["reference_temporal_scale"]) == (
+        [128, 2, 3, 2], 2, 1)
+    dataset = _open(tmp_path)
+    names = [dataset[i]["name"] for i in range(len(dataset))]
+    assert names == ["a", "b", "c", "d", "plain"]
+    assert dataset[0]["reference_latents"].shape == (128, 2, 3, 2) and "reference_latents" not in dataset[4]
+    keys = [dataset.shape_key(i) for i in range(len(dataset))]
+    assert keys[0] == keys[1] and len(set(keys)) == 4  # reference shape, factors, or none: each its own batch
+
+
+def test_reference_latents_need_their_factors(tmp_path):
+    tensors, metadata = _with_reference()
+    with pytest.raises(ValueError, match="reference_latents and the metadata reference_downscale"):
+        write_sample(tmp_path, "clip", tensors, _metadata())
+    with pytest.raises(ValueError, match="reference_latents and the metadata reference_downscale"):
+        write_sample(tmp_path, "clip", _tensors(), metadata)
+    cache.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "clip.safetensors"),
+                    metadata={"ltx_lora_cache_version": "1", **{k: str(v) for k, v in _metadata().items()}})
+    with pytest.raises(CacheError, match="clip.safetensors: metadata lacks reference_downscale, reference_temporal"):
+        write_manifest(tmp_path, "2.3")
+    write_sample(tmp_path, "clip", *_with_reference(downscale=0))
+    with pytest.raises(CacheError, match="clip.safetensors: reference_downscale '0' is not a positive integer"):
+        write_manifest(tmp_path, "2.3")
+
+
+def _text(video_dim=DV, audio_dim=DA):
+    return {k: v for k, v in _tensors(video_dim=video_dim, audio_dim=audio_dim).items() if "text" in k}
+
+
+def test_empty_prompt_round_trip_and_refusals(tmp_path):
+    _cache_with(tmp_path)
+    with pytest.raises(CacheError, match="extras/empty_prompt.safetensors is missing .*re-run preprocessing"):
+        _open(tmp_path).empty_prompt()
+    text = _text()
+    path = cache.write_empty_prompt(tmp_path, text, {"model_version": "2.3", "fingerprint": "f"})
+    assert path == tmp_path / "extras" / "empty_prompt.safetensors"
+    write_manifest(tmp_path, "2.3")  # not a sample: the manifest lists only clip
+    assert [s["file"] for s in json.loads((tmp_path / "manifest.json").read_text())["samples"]] == ["clip.safetensors"]
+    empty = _open(tmp_path).empty_prompt()
+    assert set(empty) == set(text) and all(torch.equal(empty[k], text[k]) for k in text)
+    assert empty["text_mask"].dtype == torch.int64
+
+    cache.write_empty_prompt(tmp_path, _text(video_dim=64), {"model_version": "2.3", "fingerprint": "f"})
+    with pytest.raises(CacheError, match="empty_prompt.safetensors: video_text_embeds is 64 wide but the target"):
+        _open(tmp_path).empty_prompt()
+    cache.write_empty_prompt(tmp_path, text, {"model_version": "2.0", "fingerprint": "f"})
+    with pytest.raises(CacheError, match="empty_prompt.safetensors: made for LTX-2 but the target is LTX-2.3"):
+        _open(tmp_path).empty_prompt()
+    with pytest.raises(ValueError, match="the empty prompt needs exactly the tensors"):
+        cache.write_empty_prompt(tmp_path, {**text, "video_latents": torch.zeros(1)}, {"model_version": "2.3",
+                                                                                      "fingerprint": "f"})
 
 
 def test_missing_directory_and_manifest(tmp_path):
@@ -153,13 +219,17 @@ def test_audio_required_but_missing(tmp_path):
         ("audio_latents", torch.randn(8, 7, 12), r"audio_latents has shape \[8, 7, 12\], expected \[8, T, 16\]"),
         ("audio_latents", torch.randn(128, 7), r"audio_latents has shape \[128, 7\]"),
         ("video_loss_mask", torch.ones(2, 3, 5), r"video_loss_mask has shape \[2, 3, 5\], expected .*\[2, 3, 4\]"),
+        ("reference_latents", torch.randn(64, 2, 3, 4), r"reference_latents has shape \[64, 2, 3, 4\], expected "
+                                                        r"\[128, F', H', W'\]"),
+        ("reference_latents", torch.randn(128, 3, 4), r"reference_latents has shape \[128, 3, 4\]"),
         ("text_mask", torch.ones(1, 5), r"text_mask has shape \[1, 5\], expected \[L\]"),
     ],
 )
 def test_malformed_shapes(tmp_path, key, value, message):
     tensors = _tensors()
     tensors[key] = value
-    _cache_with(tmp_path, tensors=tensors)
+    factors = {"reference_downscale": 1, "reference_temporal_scale": 1} if key == "reference_latents" else {}
+    _cache_with(tmp_path, tensors=tensors, metadata=_metadata(**factors))
     with pytest.raises(CacheError, match="clip.safetensors: " + message):
         _open(tmp_path)
 

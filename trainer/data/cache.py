@@ -1,6 +1,7 @@
 """The cached-latent dataset format: one safetensors file per sample plus a manifest, written, checked and read.
 
-Format, version 1. A cache is a directory holding `<name>.safetensors` files and a `manifest.json`.
+Format, version 1. A cache is a directory holding `<name>.safetensors` files, a `manifest.json` and
+`extras/empty_prompt.safetensors`.
 
 Tensors of a sample file (float tensors may be stored in any float dtype; they are read as float32):
   video_latents       [128, F, H, W]  normalised video VAE latents: F latent frames, H x W latent rows x columns
@@ -9,7 +10,11 @@ Tensors of a sample file (float tensors may be stored in any float dtype; they a
   video_text_embeds   [L, Dv]         text embeddings as the transformer takes them (`encoder_hidden_states`)
   audio_text_embeds   [L, Da]         the same for the audio stream (`audio_encoder_hidden_states`)
   text_mask           [L]             integer; 1 = real token, 0 = padding
-  video_loss_mask     [F, H, W]       optional; 1 = the latent carries loss (reserved for inpainting)
+  video_loss_mask     [F, H, W]       optional; 1 = the latent carries loss, 0 = it does not (inpainting and
+                                      outpainting masks)
+  reference_latents   [128, F', H', W']  optional; the IC-LoRA reference (condition) video, normalised like
+                                      video_latents, encoded at the sample's size divided by reference_downscale
+                                      and keeping every reference_temporal_scale-th of its frames
 
 Metadata of a sample file (safetensors metadata, all strings):
   ltx_lora_cache_version  "1"
@@ -17,13 +22,21 @@ Metadata of a sample file (safetensors metadata, all strings):
   fps                     frame rate of the selected frames; audio/video alignment depends on it
   caption                 the caption the text embeddings encode
   num_frames, height, width   pixel size of the clip the latents come from
+  reference_downscale, reference_temporal_scale   positive integers, present exactly when reference_latents is:
+                          the spatial and temporal factors the reference was taken at (its positions depend on them)
 
 `manifest.json`:
   {"ltx_lora_cache_version": 1, "model_version": "2.3",
    "samples": [{"file": "<name>.safetensors", "video_shape": [128, F, H, W], "audio_shape": [8, T, 16] or null,
-                "text_len": L, "has_video_loss_mask": false, "caption": "...", "fps": 24.0}, ...]}
+                "text_len": L, "has_video_loss_mask": false, "reference_shape": [128, F', H', W'] or null,
+                "reference_downscale": 1 or null, "reference_temporal_scale": 1 or null, "caption": "...",
+                "fps": 24.0}, ...]}
 It is written last, from the sample files' headers, so a cache without one is incomplete. Samples with equal
-shapes and fps can share a batch; the manifest alone says which.
+shapes (reference included), reference factors and fps can share a batch; the manifest alone says which.
+
+`extras/empty_prompt.safetensors` (in a subfolder so it is never taken for a sample): the text tensors of the empty
+caption, for caption dropout, with the shapes above; metadata ltx_lora_cache_version, model_version and
+`fingerprint` (of the weights that encoded it).
 """
 
 from __future__ import annotations
@@ -45,9 +58,12 @@ MANIFEST = "manifest.json"
 VIDEO_CHANNELS = 128
 AUDIO_CHANNELS = 8
 AUDIO_MEL_BINS = 16
-REQUIRED_TENSORS = ("video_latents", "video_text_embeds", "audio_text_embeds", "text_mask")
-OPTIONAL_TENSORS = ("audio_latents", "video_loss_mask")
+EMPTY_PROMPT = "extras/empty_prompt.safetensors"
+TEXT_TENSORS = ("video_text_embeds", "audio_text_embeds", "text_mask")
+REQUIRED_TENSORS = ("video_latents", *TEXT_TENSORS)
+OPTIONAL_TENSORS = ("audio_latents", "video_loss_mask", "reference_latents")
 REQUIRED_METADATA = ("model_version", "fps", "caption", "num_frames", "height", "width")
+REFERENCE_METADATA = ("reference_downscale", "reference_temporal_scale")
 _MODEL_NAMES = {"2.3": "LTX-2.3", "2.0": "LTX-2"}
 
 
@@ -69,7 +85,24 @@ def write_sample(cache_dir: str | Path, name: str, tensors: dict[str, torch.Tens
     unknown = sorted(set(tensors) - set(REQUIRED_TENSORS) - set(OPTIONAL_TENSORS))
     if unknown:
         raise ValueError(f"sample {name!r} has unknown tensors {unknown}")
-    path = Path(cache_dir) / f"{name}.safetensors"
+    if ("reference_latents" in tensors) != all(k in metadata for k in REFERENCE_METADATA):
+        raise ValueError(f"sample {name!r}: reference_latents and the metadata {', '.join(REFERENCE_METADATA)} "
+                         f"go together")
+    return _save(Path(cache_dir) / f"{name}.safetensors", tensors, metadata)
+
+
+def write_empty_prompt(cache_dir: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Writes `<cache_dir>/extras/empty_prompt.safetensors`, the empty caption's text tensors for caption dropout."""
+    missing = [k for k in TEXT_TENSORS if k not in tensors] + [k for k in ("model_version", "fingerprint")
+                                                               if k not in metadata]
+    if missing or len(tensors) != len(TEXT_TENSORS):
+        raise ValueError(f"the empty prompt needs exactly the tensors {', '.join(TEXT_TENSORS)} and the metadata "
+                         f"model_version, fingerprint; got {sorted(tensors)} and {sorted(metadata)}")
+    return _save(Path(cache_dir) / EMPTY_PROMPT, tensors, metadata)
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Atomically, metadata as strings with the format version added, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     strings = {key: str(value) for key, value in metadata.items()}
     strings["ltx_lora_cache_version"] = str(CACHE_VERSION)
@@ -92,15 +125,8 @@ def _read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
 def _manifest_entry(path: Path, shapes: dict[str, list[int]], metadata: dict[str, str],
                     model_version: str) -> dict[str, Any]:
     """The manifest's record of one sample file, after the checks that need only its metadata."""
-    missing = [k for k in ("ltx_lora_cache_version", *REQUIRED_METADATA) if k not in metadata]
-    if missing:
-        raise CacheError(f"{path}: metadata lacks {', '.join(missing)}: re-run preprocessing")
-    if metadata["ltx_lora_cache_version"] != str(CACHE_VERSION):
-        raise CacheError(f"{path}: cache format version {metadata['ltx_lora_cache_version']!r}, this trainer reads "
-                         f"{CACHE_VERSION}: re-run preprocessing")
-    if metadata["model_version"] != model_version:
-        raise CacheError(f"{path}: made for {_model_name(metadata['model_version'])} but the target is "
-                         f"{_model_name(model_version)}: re-run preprocessing for this target")
+    has_reference = "reference_latents" in shapes
+    _check_metadata(path, metadata, REQUIRED_METADATA + (REFERENCE_METADATA if has_reference else ()), model_version)
     try:
         fps = float(metadata["fps"])
     except ValueError:
@@ -114,9 +140,32 @@ def _manifest_entry(path: Path, shapes: dict[str, list[int]], metadata: dict[str
         "audio_shape": shapes.get("audio_latents"),
         "text_len": text_shape[0] if len(text_shape) == 1 else None,
         "has_video_loss_mask": "video_loss_mask" in shapes,
+        "reference_shape": shapes.get("reference_latents"),
+        "reference_downscale": _factor(path, metadata, "reference_downscale") if has_reference else None,
+        "reference_temporal_scale": _factor(path, metadata, "reference_temporal_scale") if has_reference else None,
         "caption": metadata["caption"],
         "fps": fps,
     }
+
+
+def _check_metadata(path: Path, metadata: dict[str, str], required: tuple[str, ...], model_version: str) -> None:
+    """The metadata every cache file needs: its keys, this format version and the target's model version."""
+    missing = [k for k in ("ltx_lora_cache_version", *required) if k not in metadata]
+    if missing:
+        raise CacheError(f"{path}: metadata lacks {', '.join(missing)}: re-run preprocessing")
+    if metadata["ltx_lora_cache_version"] != str(CACHE_VERSION):
+        raise CacheError(f"{path}: cache format version {metadata['ltx_lora_cache_version']!r}, this trainer reads "
+                         f"{CACHE_VERSION}: re-run preprocessing")
+    if metadata["model_version"] != model_version:
+        raise CacheError(f"{path}: made for {_model_name(metadata['model_version'])} but the target is "
+                         f"{_model_name(model_version)}: re-run preprocessing for this target")
+
+
+def _factor(path: Path, metadata: dict[str, str], key: str) -> int:
+    value = metadata[key]
+    if not (value.isdigit() and int(value) >= 1):
+        raise CacheError(f"{path}: {key} {value!r} is not a positive integer")
+    return int(value)
 
 
 def write_manifest(cache_dir: str | Path, model_version: str) -> Path:
@@ -151,6 +200,20 @@ def _check_shapes(path: Path, shapes: dict[str, list[int]], video_text_dim: int,
                               or audio[1] < 1):
         raise CacheError(f"{path}: audio_latents has shape {audio}, expected [{AUDIO_CHANNELS}, T, {AUDIO_MEL_BINS}] "
                          f"with T >= 1")
+    _check_text_shapes(path, shapes, video_text_dim, audio_text_dim)
+    loss_mask = shapes.get("video_loss_mask")
+    if loss_mask is not None and loss_mask != video[1:]:
+        raise CacheError(f"{path}: video_loss_mask has shape {loss_mask}, expected the latent grid {video[1:]}")
+    reference = shapes.get("reference_latents")
+    if reference is not None and (len(reference) != 4 or reference[0] != VIDEO_CHANNELS or min(reference[1:]) < 1):
+        raise CacheError(f"{path}: reference_latents has shape {reference}, expected [{VIDEO_CHANNELS}, F', H', W'] "
+                         f"with F', H', W' >= 1")
+
+
+def _check_text_shapes(path: Path, shapes: dict[str, list[int]], video_text_dim: int, audio_text_dim: int) -> None:
+    missing = [key for key in TEXT_TENSORS if key not in shapes]
+    if missing:
+        raise CacheError(f"{path}: lacks tensors {', '.join(missing)}: re-run preprocessing")
     mask = shapes["text_mask"]
     if len(mask) != 1 or mask[0] < 1:
         raise CacheError(f"{path}: text_mask has shape {mask}, expected [L] with L >= 1")
@@ -160,9 +223,6 @@ def _check_shapes(path: Path, shapes: dict[str, list[int]], video_text_dim: int,
         if shapes[key][1] != dim:
             raise CacheError(f"{path}: {key} is {shapes[key][1]} wide but the target takes {dim}: the text "
                              f"embeddings were made for another model, re-run preprocessing for this target")
-    loss_mask = shapes.get("video_loss_mask")
-    if loss_mask is not None and loss_mask != video[1:]:
-        raise CacheError(f"{path}: video_loss_mask has shape {loss_mask}, expected the latent grid {video[1:]}")
 
 
 class LatentCache(Dataset):
@@ -171,6 +231,7 @@ class LatentCache(Dataset):
     def __init__(self, cache_dir: str | Path, model_version: str, video_text_dim: int, audio_text_dim: int,
                  require_audio: bool):
         self.cache_dir = Path(cache_dir)
+        self.model_version, self.video_text_dim, self.audio_text_dim = model_version, video_text_dim, audio_text_dim
         manifest = self._read_manifest(model_version)
         self.entries: list[dict[str, Any]] = manifest["samples"]
         if not self.entries:
@@ -226,7 +287,23 @@ class LatentCache(Dataset):
         return sample
 
     def shape_key(self, index: int) -> tuple:
-        """Samples with equal keys stack into one batch (same tensors, shapes and fps); read from the manifest."""
+        """Samples with equal keys stack into one batch (same tensors, shapes, reference factors and fps); read from
+        the manifest."""
         entry = self.entries[index]
         audio = tuple(entry["audio_shape"]) if entry["audio_shape"] is not None else None
-        return (tuple(entry["video_shape"]), audio, entry["text_len"], entry["has_video_loss_mask"], entry["fps"])
+        reference = tuple(entry["reference_shape"]) if entry["reference_shape"] is not None else None
+        return (tuple(entry["video_shape"]), audio, entry["text_len"], entry["has_video_loss_mask"], entry["fps"],
+                reference, entry["reference_downscale"], entry["reference_temporal_scale"])
+
+    def empty_prompt(self) -> dict[str, torch.Tensor]:
+        """The empty caption's `video_text_embeds` [L, Dv], `audio_text_embeds` [L, Da] and `text_mask` [L], for
+        caption dropout; checked against the target as the samples are."""
+        path = self.cache_dir / EMPTY_PROMPT
+        if not path.is_file():
+            raise CacheError(f"{path} is missing (caption dropout needs it): re-run preprocessing, which writes it")
+        shapes, metadata = _read_header(path)
+        _check_metadata(path, metadata, ("model_version",), self.model_version)
+        _check_text_shapes(path, shapes, self.video_text_dim, self.audio_text_dim)
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key).long() if key == "text_mask" else f.get_tensor(key).float()
+                    for key in TEXT_TENSORS}

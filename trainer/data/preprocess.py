@@ -1,10 +1,12 @@
 """Media and captions into the latent cache: discovery, buckets, encoding, fingerprints, the report.
 
 Two passes. The first is cheap: find the samples, probe each file, choose its bucket and compute its fingerprint
-(model weights, bucket, fps, caption with trigger word, the media files' size and time). Bad files are reported and
-skipped there, before any model is loaded. The second encodes only samples whose cache file is missing or has another
-fingerprint, so a re-run skips finished work and a changed setting re-encodes exactly the affected samples. Files
-are written atomically and the manifest last, so an interrupted run leaves a cache the next run completes.
+(model weights, bucket, fps, caption with trigger word, the size and time of the media, reference and mask files,
+the reference factors). Bad files are reported and skipped there, before any model is loaded. The second encodes
+only samples whose cache file is missing or has another fingerprint, so a re-run skips finished work and a changed
+setting re-encodes exactly the affected samples. Files are written atomically and the manifest last, so an
+interrupted run leaves a cache the next run completes. The empty caption's text embedding is cached once (for
+caption dropout) and re-encoded only when the weights change.
 Under `accelerate launch` each process encodes its share; the main process writes the manifest.
 """
 
@@ -14,20 +16,29 @@ import csv
 import hashlib
 import json
 import logging
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from trainer.config import AUDIO_MODES, ConfigError, RunConfig
 from trainer.data import media
-from trainer.data.cache import CACHE_VERSION, CacheError, write_manifest, write_sample
+from trainer.data.cache import CACHE_VERSION, EMPTY_PROMPT, CacheError, write_empty_prompt, write_manifest, write_sample
 from trainer.io import write_atomic
-from trainer.models.components import components_identity, encode_audio, encode_video, load_components
+from trainer.models.components import (
+    Components,
+    components_identity,
+    encode_audio,
+    encode_video,
+    load_components,
+)
 from trainer.models.registry import get_target
 
 logger = logging.getLogger("ltx_lora")
@@ -42,6 +53,8 @@ class Item:
     media: Path
     caption: str | None = None  # None: read the same-stem .txt
     audio: Path | None = None  # a separate soundtrack; None: the clip's own
+    reference: Path | None = None  # an IC-LoRA reference (condition) video or image
+    mask: Path | None = None  # white = the loss applies there
 
 
 @dataclass
@@ -51,6 +64,9 @@ class Planned:
     bucket: media.Bucket
     caption: str
     fingerprint: str
+    reference: media.MediaInfo | None = None
+    reference_bucket: media.Bucket | None = None
+    mask: media.MediaInfo | None = None
 
 
 @dataclass
@@ -75,7 +91,8 @@ class Report:
 
 
 def discover(source: Path, report: Report) -> list[Item]:
-    """The samples of a media folder or a CSV / JSONL manifest (columns `media`, `caption`, optional `audio`)."""
+    """The samples of a media folder or a CSV / JSONL manifest (columns `media`, `caption`, optional `audio`,
+    `reference`, `mask`)."""
     if not source.exists():
         raise ConfigError(f"data source {str(source)!r} does not exist; give a media folder or a CSV/JSONL manifest")
     if source.is_dir():
@@ -104,10 +121,11 @@ def _read_manifest(path: Path) -> list[Item]:
     items = []
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not row.get("media"):
-            raise ConfigError(f"manifest {path}, row {number}: needs a 'media' column (and 'caption', optional 'audio')")
-        file = (path.parent / row["media"]).resolve()
-        audio = (path.parent / row["audio"]).resolve() if row.get("audio") else None
-        items.append(Item(file.stem, file, row.get("caption") or None, audio))
+            raise ConfigError(f"manifest {path}, row {number}: needs a 'media' column (and 'caption', optional "
+                              f"'audio', 'reference', 'mask')")
+        file, audio, reference, mask = ((path.parent / row[key]).resolve() if row.get(key) else None
+                                        for key in ("media", "audio", "reference", "mask"))
+        items.append(Item(file.stem, file, row.get("caption") or None, audio, reference, mask))
     return items
 
 
@@ -116,6 +134,10 @@ def _with_trigger(caption: str, trigger: str | None) -> str:
     if not trigger or trigger in caption:
         return caption
     return f"{trigger}, {caption}"
+
+
+def _file_identity(path: Path) -> list:
+    return [str(path), path.stat().st_size, path.stat().st_mtime_ns]
 
 
 def _fingerprint(cfg: RunConfig, identity: str, item: Item, bucket: media.Bucket, caption: str) -> str:
@@ -127,8 +149,19 @@ def _fingerprint(cfg: RunConfig, identity: str, item: Item, bucket: media.Bucket
         "bucket": str(bucket),
         "fps": cfg.data.fps,
         "caption": caption,
-        "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        "files": [_file_identity(p) for p in files],
     }
+    # Only samples with a reference or mask depend on them: other samples keep their fingerprints.
+    if item.reference:
+        described["reference"] = _file_identity(item.reference)
+        described["reference_scale"] = [cfg.data.reference_downscale, cfg.data.reference_temporal_scale]
+    if item.mask:
+        described["mask"] = _file_identity(item.mask)
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def _empty_prompt_fingerprint(cfg: RunConfig) -> str:
+    described = {"cache_version": CACHE_VERSION, "target": cfg.model.target, "weights": components_identity(cfg)}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
@@ -154,29 +187,136 @@ def plan(cfg: RunConfig, source: Path, report: Report) -> list[Planned]:
                 raise media.MediaError(f"{item.media}: has no audio stream, and mode {cfg.mode} trains audio")
             bucket = media.choose_bucket(info, buckets, cfg.data.fps)
             caption = item.caption if item.caption is not None else media.read_caption(item.media)
+            reference = reference_bucket = mask = None
+            if item.reference:
+                reference = _probe_as("reference", item.reference)
+                if reference.kind != info.kind:
+                    raise media.MediaError(f"reference {item.reference}: {reference.kind} reference for a {info.kind} "
+                                           f"sample; both must be videos or both images")
+                reference_bucket = _reference_bucket(bucket, cfg.data.reference_downscale,
+                                                     cfg.data.reference_temporal_scale)
+            if item.mask:
+                mask = _probe_as("mask", item.mask)
         except media.MediaError as exc:
             report.skip(item.media, str(exc).removeprefix(f"{item.media}: "))
             continue
         caption = _with_trigger(caption, cfg.trigger_word)
-        planned.append(Planned(item, info, bucket, caption, _fingerprint(cfg, identity, item, bucket, caption)))
+        planned.append(Planned(item, info, bucket, caption, _fingerprint(cfg, identity, item, bucket, caption),
+                               reference, reference_bucket, mask))
     return planned
 
 
-def _encode_sample(p: Planned, cfg: RunConfig, components, text_cache: dict[str, dict[str, torch.Tensor]]) -> dict:
-    frames = media.read_frames(p.info, p.bucket, cfg.data.fps)
-    tensors = {"video_latents": encode_video(components.video_vae, frames)}
+def _probe_as(role: str, path: Path) -> media.MediaInfo:
+    """Probes a reference or mask file; the report lists the sample's media, so the reason says which file failed."""
+    try:
+        return media.probe(path)
+    except media.MediaError as exc:
+        raise media.MediaError(f"{role} {exc}") from None
+
+
+def _reference_bucket(bucket: media.Bucket, downscale: int, temporal_scale: int) -> media.Bucket:
+    """The reference's size: the bucket's width and height over `downscale`, every `temporal_scale`-th frame. The VAE
+    takes only multiples of 32 and 8j+1 frames, so other combinations are refused rather than rounded."""
+    width, height = bucket.width / downscale, bucket.height / downscale
+    if bucket.width % (32 * downscale) or bucket.height % (32 * downscale):
+        raise media.MediaError(f"reference: bucket {bucket} with data.reference_downscale={downscale} gives "
+                               f"{width:g}x{height:g}, but width and height must be multiples of 32")
+    if (bucket.frames - 1) % (8 * temporal_scale):
+        raise media.MediaError(f"reference: bucket {bucket} with data.reference_temporal_scale={temporal_scale} gives "
+                               f"{(bucket.frames - 1) / temporal_scale + 1:g} frames, but frames must be 8j+1")
+    return media.Bucket(int(width), int(height), (bucket.frames - 1) // temporal_scale + 1)
+
+
+@dataclass
+class Decoded:
+    """One sample's pixels and sound, ready for the encoders."""
+
+    frames: torch.Tensor
+    loss_mask: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+    mel: torch.Tensor | None = None
+
+
+def _decode_sample(p: Planned, cfg: RunConfig) -> Decoded:
+    """The CPU half of a sample: decoding, resizing, masks and audio features."""
+    # The mask first: one that selects nothing skips the sample before anything else is decoded.
+    loss_mask = _latent_mask(p.mask, p.bucket, cfg.data.fps) if p.mask is not None else None
+    decoded = Decoded(media.read_frames(p.info, p.bucket, cfg.data.fps), loss_mask)
+    if p.reference is not None:
+        # At fps / k, reference frame j is taken at time j * k / fps: every k-th of the sample's frames, same span.
+        try:
+            decoded.reference = media.read_frames(p.reference, p.reference_bucket,
+                                                  cfg.data.fps / cfg.data.reference_temporal_scale)
+        except media.MediaError as exc:
+            raise media.MediaError(f"reference {exc}") from None
     if p.info.has_audio or p.item.audio is not None:
         # Exactly the time span of the selected frames, so sound and picture stay aligned.
         waveform = media.read_audio(p.item.audio or p.item.media, 0.0, p.bucket.frames / cfg.data.fps)
-        tensors["audio_latents"] = encode_audio(components.audio_vae, media.log_mel(waveform))
+        decoded.mel = media.log_mel(waveform)
+    return decoded
+
+
+def _decoded_ahead(samples: list[Planned], cfg: RunConfig) -> Iterator[tuple[Planned, Decoded | media.MediaError]]:
+    """Yields each sample decoded, in order, while the next ones decode on CPU threads: decord, PyAV and torch
+    release the GIL, so decoding overlaps the encoding of the samples before them on the GPU."""
+    workers = cfg.data.decode_threads
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque((p, pool.submit(_decode_sample, p, cfg)) for p in samples[:workers])
+        upcoming = iter(samples[workers:])
+        while pending:
+            p, future = pending.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, pool.submit(_decode_sample, following, cfg)))
+            try:
+                yield p, future.result()
+            except media.MediaError as exc:
+                yield p, exc
+
+
+def _encode_sample(p: Planned, decoded: Decoded, components, text_cache: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """The GPU half: VAEs and the prompt encoder (each distinct caption once)."""
+    tensors = {"video_latents": encode_video(components.video_vae, decoded.frames)}
+    if decoded.loss_mask is not None:
+        tensors["video_loss_mask"] = decoded.loss_mask
+    if decoded.reference is not None:
+        tensors["reference_latents"] = encode_video(components.video_vae, decoded.reference)
+    if decoded.mel is not None:
+        tensors["audio_latents"] = encode_audio(components.audio_vae, decoded.mel)
     if p.caption not in text_cache:
         text_cache[p.caption] = {k: v[0].cpu() for k, v in components.prompt_encoder.encode([p.caption]).items()}
     tensors.update(text_cache[p.caption])
     return tensors
 
 
-def preprocess(cfg: RunConfig, source: str | None = None, progress: bool = True) -> Report:
-    """Brings `data.cache_dir` up to date with the dataset; returns (and writes) the report."""
+def _latent_mask(mask: media.MediaInfo, bucket: media.Bucket, fps: float) -> torch.Tensor:
+    """[F', H', W'] 0/1 on the latent grid: a cell carries loss when at least half of its pixels are white. The mask
+    is cropped and sampled in time as the sample's frames are, so it stays aligned with them; an image mask holds
+    for every frame."""
+    try:
+        if mask.kind == "image":
+            pixels = media.read_frames(mask, media.Bucket(bucket.width, bucket.height, 1), fps)
+        else:
+            pixels = media.read_frames(mask, bucket, fps)
+    except media.MediaError as exc:
+        raise media.MediaError(f"mask {exc}") from None
+    white = (pixels.mean(0) > 0).float()  # brighter than mid-grey (pixels are in [-1, 1]); [F, H, W], F = 1 for images
+    frames, height, width = white.shape
+    cells = white.view(frames, height // 32, 32, width // 32, 32).mean((2, 4))
+    # The VAE's first latent frame encodes pixel frame 0 alone, every later one the next 8 frames.
+    cells = torch.cat([cells[:1], cells[1:].view(-1, 8, height // 32, width // 32).mean(1)])
+    selected = (cells >= 0.5).float().expand((bucket.frames - 1) // 8 + 1, -1, -1).contiguous()
+    if not selected.any():
+        raise media.MediaError(f"mask {mask.path}: mask selects nothing (no latent cell of 32x32 pixels and 8 frames "
+                               f"is at least half white)")
+    return selected
+
+
+def preprocess(cfg: RunConfig, source: str | None = None, progress: bool = True,
+               components: Components | None = None) -> Report:
+    """Brings `data.cache_dir` up to date with the dataset; returns (and writes) the report.
+
+    `components` replaces the ones the config names (benchmarks build full-size random ones)."""
     source = source or cfg.data.source
     if source is None:
         raise ConfigError("no data to preprocess: set data.source in the config or pass --data DIR_OR_MANIFEST")
@@ -188,6 +328,10 @@ def preprocess(cfg: RunConfig, source: str | None = None, progress: bool = True)
             write_demo_dataset(source)
         state.wait_for_everyone()
     cache_dir = Path(cfg.data.cache_dir)
+    if state.is_main_process and cache_dir.is_dir():
+        for leftover in cache_dir.glob(".*.tmp"):  # from a run that was killed while writing
+            leftover.unlink()
+    state.wait_for_everyone()
     target = get_target(cfg.model.target)
     report = Report(source=str(source))
     planned = plan(cfg, Path(source), report)
@@ -197,18 +341,24 @@ def preprocess(cfg: RunConfig, source: str | None = None, progress: bool = True)
     todo = [p for p in planned if _cached_fingerprint(cache_dir / f"{p.item.name}.safetensors") != p.fingerprint]
     report.reused = len(planned) - len(todo)
     mine = todo[state.process_index :: state.num_processes]
-    if mine:
+    empty_fingerprint = _empty_prompt_fingerprint(cfg)
+    needs_empty = state.is_main_process and _cached_fingerprint(cache_dir / EMPTY_PROMPT) != empty_fingerprint
+    if (mine or needs_empty) and components is None:
         components = load_components(cfg, state.device)
+    if needs_empty:
+        empty = {k: v[0].cpu() for k, v in components.prompt_encoder.encode([""]).items()}
+        write_empty_prompt(cache_dir, empty, {"model_version": target.version, "fingerprint": empty_fingerprint})
+    if mine:
         text_cache: dict[str, dict[str, torch.Tensor]] = {}
-        bar = tqdm(mine, desc="preprocess", unit="sample", disable=not (progress and state.is_main_process))
-        for p in bar:
+        bar = tqdm(total=len(mine), desc="preprocess", unit="sample", disable=not (progress and state.is_main_process))
+        for p, decoded in _decoded_ahead(mine, cfg):
+            bar.update(1)
             bar.set_postfix_str(p.item.name)
-            try:
-                tensors = _encode_sample(p, cfg, components, text_cache)
-            except media.MediaError as exc:
-                report.skip(p.item.media, str(exc).removeprefix(f"{p.item.media}: "))
+            if isinstance(decoded, media.MediaError):
+                report.skip(p.item.media, str(decoded).removeprefix(f"{p.item.media}: "))
                 continue
-            write_sample(cache_dir, p.item.name, tensors, {
+            tensors = _encode_sample(p, decoded, components, text_cache)
+            metadata = {
                 "model_version": target.version,
                 "fps": cfg.data.fps,
                 "caption": p.caption,
@@ -216,9 +366,17 @@ def preprocess(cfg: RunConfig, source: str | None = None, progress: bool = True)
                 "height": p.bucket.height,
                 "width": p.bucket.width,
                 "fingerprint": p.fingerprint,
-            })
+            }
+            if p.reference is not None:
+                metadata["reference_downscale"] = cfg.data.reference_downscale
+                metadata["reference_temporal_scale"] = cfg.data.reference_temporal_scale
+            write_sample(cache_dir, p.item.name, tensors, metadata)
             report.encoded += 1
+        bar.close()
     state.wait_for_everyone()
+    if state.num_processes > 1:  # every process's skips and counts, for the report and the cleanup
+        report.skipped = gather_object(report.skipped)
+        report.encoded = sum(gather_object([report.encoded]))
 
     if state.is_main_process:
         failed = {s["file"] for s in report.skipped}
