@@ -21,6 +21,9 @@ def test_defaults_follow_the_official_recipe():
     assert cfg.train.gradient_checkpointing and cfg.train.batch_size == 1
     assert cfg.lora_targets == "video"
     assert resolve({**BASE, "mode": "text-to-audio-video"}).lora_targets == "audio-video"
+    assert resolve({**BASE, "mode": "video-to-audio"}).lora_targets == "video-to-audio"
+    assert resolve({**BASE, "mode": "audio-only"}).lora_targets == "audio"
+    assert resolve({**BASE, "mode": "image-to-video"}).conditioning.first_frame_p == 0.5
 
 
 def test_misspelt_key_is_named_with_a_suggestion():
@@ -36,7 +39,7 @@ def test_misspelt_key_is_named_with_a_suggestion():
         ("optim.learning_rate=-0.001", "optim.learning_rate = -0.001: Input should be greater than 0"),
         ("data.synthetic.frames=16", "data.synthetic.frames = 16: must be 8k+1"),
         ("data.synthetic.height=100", "data.synthetic.height = 100: must be a multiple of 32"),
-        ("mode=dance", "mode = 'dance': Input should be 'text-to-video' or 'text-to-audio-video'"),
+        ("mode=dance", "mode = 'dance': Input should be 'text-to-video', 'text-to-audio-video', 'image-to-video'"),
         ("lora.targets=vidoe", "lora.targets = 'vidoe': must be 'auto', one of"),
         ("model.target=ltx-2.3", "model.target = 'ltx-2.3' needs its public weights"),
         ("recipe=fancy", "recipe = 'fancy': accepted: character, style, motion"),

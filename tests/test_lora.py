@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer.lora import (
-    TARGET_PRESETS,
+    PRESET_GROUPS,
     get_lora_state_dict,
     inject_lora,
     lora_parameters,
@@ -31,10 +31,12 @@ EXPECTED = {
     "audio-video": _attn("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
     | _ff("ff", "audio_ff"),
     "ic-lora": _attn("attn1", "attn2") | _ff("ff"),
+    "audio-to-video": _attn("attn1", "attn2", "audio_to_video_attn") | _ff("ff"),
+    "video-to-audio": _attn("audio_attn1", "audio_attn2", "video_to_audio_attn") | _ff("audio_ff"),
 }
 
 
-@pytest.mark.parametrize("preset", sorted(TARGET_PRESETS))
+@pytest.mark.parametrize("preset", sorted(PRESET_GROUPS))
 def test_preset_adapts_exactly_its_modules(tiny_target, preset):
     model = build_random_transformer(tiny_target, seed=0)
     assert set(matching_modules(model, preset)) == EXPECTED[preset]

@@ -15,10 +15,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.models.registry import TARGETS
+from trainer.modes import MODE_SPECS
 from trainer.recipes import RECIPES
 
-MODES = ("text-to-video", "text-to-audio-video")
-AUDIO_MODES = ("text-to-audio-video",)
+MODES = tuple(MODE_SPECS)
+# Modes whose samples need audio latents (audio generated or a clean condition).
+AUDIO_MODES = tuple(mode for mode, spec in MODE_SPECS.items() if spec.audio != "absent")
+# `lora.targets: auto`: the modules of what the mode generates, and the cross attention a condition flows through.
+AUTO_TARGETS = {
+    "text-to-video": "video",
+    "image-to-video": "video",
+    "text-to-audio-video": "audio-video",
+    "audio-to-video": "audio-to-video",
+    "video-to-audio": "video-to-audio",
+    "audio-only": "audio",
+}
 
 
 class ConfigError(ValueError):
@@ -83,10 +94,10 @@ class LoraSection(_Strict):
     @field_validator("targets")
     @classmethod
     def _known_preset(cls, value: str | list[str]) -> str | list[str]:
-        from trainer.lora import TARGET_PRESETS
+        from trainer.lora import PRESET_GROUPS
 
-        if isinstance(value, str) and value != "auto" and value not in TARGET_PRESETS:
-            raise ValueError(f"must be 'auto', one of {sorted(TARGET_PRESETS)}, or a list of module-name suffixes")
+        if isinstance(value, str) and value != "auto" and value not in PRESET_GROUPS:
+            raise ValueError(f"must be 'auto', one of {sorted(PRESET_GROUPS)}, or a list of module-name suffixes")
         if isinstance(value, list) and not value:
             raise ValueError("an empty list adapts nothing; give module-name suffixes such as ['to_q', 'to_v']")
         return value
@@ -119,6 +130,11 @@ class TrainSection(_Strict):
     log_every: PositiveInt = 10
     # Consecutive steps with a NaN/inf loss or gradient that stop the run.
     max_bad_steps: PositiveInt = 5
+
+
+class ConditioningSection(_Strict):
+    # image-to-video: the probability that a sample's first latent frame is a clean condition (no loss).
+    first_frame_p: Annotated[float, Field(ge=0, le=1)] = 0.5
 
 
 class SyntheticSection(_Strict):
@@ -162,8 +178,14 @@ class DataSection(_Strict):
     # Limits of the automatic buckets.
     max_pixels: PositiveInt = 768 * 512
     max_frames: PositiveInt = 121
+    # IC-LoRA references (manifest column `reference`) are encoded at the bucket's width and height divided by this.
+    reference_downscale: PositiveInt = 1
+    # A reference keeps every k-th of the sample's frames: (F - 1) / k + 1 frames, which must be 8j+1.
+    reference_temporal_scale: PositiveInt = 1
     synthetic: SyntheticSection | None = None
     num_workers: Annotated[int, Field(ge=0)] = 0
+    # Samples decoded ahead on CPU threads while the previous ones are encoded, in preprocessing.
+    decode_threads: PositiveInt = 2
 
     @field_validator("buckets")
     @classmethod
@@ -199,6 +221,7 @@ class RunConfig(_Strict):
     lora: LoraSection = LoraSection()
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
+    conditioning: ConditioningSection = ConditioningSection()
     data: DataSection
     export: ExportSection = ExportSection()
 
@@ -208,10 +231,8 @@ class RunConfig(_Strict):
 
     @property
     def lora_targets(self) -> str | list[str]:
-        """The resolved target spec: `auto` trains the modules of every generated modality."""
-        if self.lora.targets != "auto":
-            return self.lora.targets
-        return "audio-video" if self.mode in AUDIO_MODES else "video"
+        """The resolved target spec: `auto` trains the modules of what the mode generates (AUTO_TARGETS)."""
+        return AUTO_TARGETS[self.mode] if self.lora.targets == "auto" else self.lora.targets
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

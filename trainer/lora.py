@@ -2,8 +2,8 @@
 
 Module names follow `LTX2VideoTransformer3DModel`: each block has six attentions (`attn1`, `attn2`, `audio_attn1`,
 `audio_attn2`, `audio_to_video_attn`, `video_to_audio_attn`, each with `to_q/to_k/to_v/to_out.0`) and two
-feed-forwards (`ff`, `audio_ff`, each `net.0.proj` and `net.2`). Presets are anchored regexes, because suffix
-matching would let `ff.net.2` also hit `audio_ff.net.2`.
+feed-forwards (`ff`, `audio_ff`, each `net.0.proj` and `net.2`). Presets become anchored regexes over those
+names, so a preset never matches more than its sub-modules.
 """
 
 from __future__ import annotations
@@ -16,29 +16,42 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 ADAPTER_NAME = "default"
 
 _BLOCK = r"transformer_blocks\.\d+\."
-_PROJ = r"\.(to_q|to_k|to_v|to_out\.0)"
+_PROJECTIONS = {"attention": r"(to_q|to_k|to_v|to_out\.0)", "feed-forward": r"net\.(0\.proj|2)"}
 
+# The eight adaptable sub-modules of every block, by kind.
+MODULE_GROUPS: dict[str, str] = {
+    "attn1": "attention",  # video self-attention
+    "attn2": "attention",  # video text cross-attention
+    "audio_attn1": "attention",
+    "audio_attn2": "attention",
+    "audio_to_video_attn": "attention",  # video queries, audio keys
+    "video_to_audio_attn": "attention",
+    "ff": "feed-forward",
+    "audio_ff": "feed-forward",
+}
+_VIDEO = ("attn1", "attn2", "ff")
+_AUDIO = ("audio_attn1", "audio_attn2", "audio_ff")
 
-def _attn(*names: str) -> str:
-    return rf"{_BLOCK}({'|'.join(names)}){_PROJ}"
-
-
-def _ff(*names: str) -> str:
-    return rf"{_BLOCK}({'|'.join(names)})\.net\.(0\.proj|2)"
-
-
-_VIDEO = [_attn("attn1", "attn2"), _ff("ff")]
-_AUDIO = [_attn("audio_attn1", "audio_attn2"), _ff("audio_ff")]
-_CROSS_MODAL = [_attn("audio_to_video_attn", "video_to_audio_attn")]
-
-# Each preset is a list of anchored regexes over module names; PEFT matches the union.
-TARGET_PRESETS: dict[str, list[str]] = {
+# Each preset is a set of block sub-modules; a mode's `auto` targets pick the preset of the same name where one
+# exists (config.py). The official video IC-LoRA trains the same modules as the video preset.
+PRESET_GROUPS: dict[str, tuple[str, ...]] = {
     "video": _VIDEO,
     "audio": _AUDIO,
-    "audio-video": _VIDEO + _AUDIO + _CROSS_MODAL,
-    # The official video IC-LoRA trains the same modules as our video preset: attn1, attn2 and the video FFN.
+    "audio-video": tuple(MODULE_GROUPS),
     "ic-lora": _VIDEO,
+    "audio-to-video": _VIDEO + ("audio_to_video_attn",),
+    "video-to-audio": _AUDIO + ("video_to_audio_attn",),
 }
+
+
+def group_of(module: str) -> str | None:
+    """The block sub-module a module path belongs to, e.g. `audio_ff` for `transformer_blocks.3.audio_ff.net.2`."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[0] == "transformer_blocks" and parts[2] in MODULE_GROUPS else None
+
+
+def _preset_patterns(preset: str) -> list[str]:
+    return [rf"{_BLOCK}{group}\.{_PROJECTIONS[MODULE_GROUPS[group]]}" for group in PRESET_GROUPS[preset]]
 
 
 def target_regex(targets: str | list[str]) -> str:
@@ -48,9 +61,9 @@ def target_regex(targets: str | list[str]) -> str:
     `["to_q", "ff.net.2"]` works as users expect from other trainers.
     """
     if isinstance(targets, str):
-        if targets not in TARGET_PRESETS:
-            raise ValueError(f"unknown LoRA target preset {targets!r}; presets: {', '.join(TARGET_PRESETS)}")
-        patterns = TARGET_PRESETS[targets]
+        if targets not in PRESET_GROUPS:
+            raise ValueError(f"unknown LoRA target preset {targets!r}; presets: {', '.join(PRESET_GROUPS)}")
+        patterns = _preset_patterns(targets)
     else:
         patterns = [rf"(.*\.)?{re.escape(suffix)}" for suffix in targets]
     return "|".join(f"(?:{p})" for p in patterns)

@@ -1,8 +1,13 @@
 """The token layout of each training mode: which tokens are generated, their sigmas, targets and loss masks.
 
 A batch from the latent cache becomes the keyword arguments of `LTX2VideoTransformer3DModel.forward` plus the
-velocity targets and loss masks of each modality. Each generated modality draws its own sigma from its own token
-count; the transformer's audio-video gates receive the other modality's sigma (`use_cross_timestep=True`).
+velocity targets and loss masks of each modality. Every mode gives each stream one role:
+  generated  noised with its own sigma, drawn from its own token count; carries loss
+  clean      the real latents at sigma 0 (timestep 0), a condition; no loss
+  absent     one silent token and both audio-video cross attentions off (`isolate_modalities`), so the other stream
+             cannot see it
+The transformer's audio-video gates receive the other stream's sigma (`use_cross_timestep=True`), 0 for a clean one.
+Image-to-video also keeps the first latent frame clean (timestep 0, no loss) with probability `first_frame_p`.
 """
 
 from __future__ import annotations
@@ -18,17 +23,46 @@ from trainer import flow
 TIMESTEP_SCALE = 1000.0
 
 
+@dataclass(frozen=True)
+class ModeSpec:
+    video: str  # "generated" | "clean" | "absent"
+    audio: str
+    first_frame: bool = False  # image-to-video conditioning
+
+
+MODE_SPECS: dict[str, ModeSpec] = {
+    "text-to-video": ModeSpec(video="generated", audio="absent"),
+    "text-to-audio-video": ModeSpec(video="generated", audio="generated"),
+    "image-to-video": ModeSpec(video="generated", audio="absent", first_frame=True),
+    "audio-to-video": ModeSpec(video="generated", audio="clean"),
+    "video-to-audio": ModeSpec(video="clean", audio="generated"),
+    "audio-only": ModeSpec(video="absent", audio="generated"),
+}
+
+
+def isolated_groups(mode: str) -> set[str]:
+    """Block sub-modules (trainer/lora.py's groups) that take no part in the loss: an absent stream's, and both
+    cross attentions, which isolation switches off."""
+    spec = MODE_SPECS[mode]
+    cross = {"audio_to_video_attn", "video_to_audio_attn"}
+    if spec.audio == "absent":
+        return {"audio_attn1", "audio_attn2", "audio_ff"} | cross
+    if spec.video == "absent":
+        return {"attn1", "attn2", "ff"} | cross
+    return set()
+
+
 @dataclass
 class StepInputs:
-    """Everything one forward pass and its loss need."""
+    """Everything one forward pass and its loss need; targets are None for streams that carry no loss."""
 
     model_kwargs: dict[str, Any]
-    video_target: torch.Tensor
-    video_loss_mask: torch.Tensor
+    video_target: torch.Tensor | None
+    video_loss_mask: torch.Tensor | None
     audio_target: torch.Tensor | None
     audio_loss_mask: torch.Tensor | None
     video_sigma: torch.Tensor
-    audio_sigma: torch.Tensor | None
+    audio_sigma: torch.Tensor
 
 
 def patchify_video(latents: torch.Tensor) -> torch.Tensor:
@@ -41,70 +75,88 @@ def patchify_audio(latents: torch.Tensor) -> torch.Tensor:
     return latents.permute(0, 2, 1, 3).flatten(2)
 
 
-def _noised(x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draws a sigma per sample from the token count, returns (x_t, velocity target, sigma)."""
-    batch, tokens, _ = x0.shape
-    sigma = flow.sample_sigmas(tokens, batch, generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    return flow.add_noise(x0, noise, sigma), flow.velocity_target(x0, noise), sigma
+@dataclass
+class _Stream:
+    """One modality's tokens for the forward pass and its loss."""
+
+    xt: torch.Tensor
+    timestep: torch.Tensor  # per token, unscaled sigma
+    sigma: torch.Tensor  # per sample, unscaled
+    target: torch.Tensor | None
+    loss_mask: torch.Tensor | None
 
 
-def build_step_inputs(batch: dict[str, Any], mode: str, generator: torch.Generator) -> StepInputs:
-    """Noises the generated modalities of `batch` for `mode` ("text-to-video" or "text-to-audio-video")."""
+def _stream(role: str, x0: torch.Tensor | None, batch: int, width: int, loss_mask: torch.Tensor | None,
+            generator: torch.Generator, device: torch.device) -> _Stream:
+    if role == "absent":
+        zeros = torch.zeros(batch, device=device)
+        return _Stream(torch.zeros(batch, 1, width, device=device), zeros[:, None], zeros, None, None)
+    tokens = x0.shape[1]
+    if role == "clean":
+        zeros = torch.zeros(batch, device=device)
+        return _Stream(x0, zeros[:, None].expand(batch, tokens), zeros, None, None)
+    sigma = flow.sample_sigmas(tokens, batch, generator).to(device)
+    noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
+    mask = loss_mask if loss_mask is not None else torch.ones(batch, tokens, device=device)
+    return _Stream(flow.add_noise(x0, noise, sigma), sigma[:, None].expand(batch, tokens).clone(), sigma,
+                   flow.velocity_target(x0, noise), mask)
+
+
+def _keep_first_frame_clean(video: _Stream, x0: torch.Tensor, frame_tokens: int, probability: float,
+                            generator: torch.Generator) -> None:
+    """Image-to-video: per sample, with `probability`, latent frame 0 becomes a clean condition (sigma 0, no loss)."""
+    chosen = (torch.rand(x0.shape[0], generator=generator) < probability).to(x0.device)
+    first = torch.zeros(x0.shape[1], dtype=torch.bool, device=x0.device)
+    first[:frame_tokens] = True
+    condition = chosen[:, None] & first[None, :]  # [B, N]
+    video.xt = torch.where(condition[..., None], x0, video.xt)
+    video.timestep = video.timestep.masked_fill(condition, 0.0)
+    video.loss_mask = video.loss_mask.masked_fill(condition, 0.0)
+
+
+def build_step_inputs(batch: dict[str, Any], mode: str, generator: torch.Generator,
+                      first_frame_p: float = 0.0) -> StepInputs:
+    """The forward-pass inputs and loss targets of `batch` in `mode` (see MODE_SPECS)."""
+    if mode not in MODE_SPECS:
+        raise ValueError(f"unknown training mode {mode!r}; modes: {', '.join(MODE_SPECS)}")
+    spec = MODE_SPECS[mode]
     video_latents = batch["video_latents"]
-    b, _, frames, height, width = video_latents.shape
+    b, channels, frames, height, width = video_latents.shape
     device = video_latents.device
     video_x0 = patchify_video(video_latents)
-    video_xt, video_target, video_sigma = _noised(video_x0, generator)
     video_mask = batch.get("video_loss_mask")
-    video_mask = video_mask.flatten(1) if video_mask is not None else torch.ones(video_x0.shape[:2], device=device)
+    video = _stream(spec.video, video_x0, b, channels, video_mask.flatten(1) if video_mask is not None else None,
+                    generator, device)
+    audio_x0 = patchify_audio(batch["audio_latents"]) if spec.audio != "absent" else None
+    audio = _stream(spec.audio, audio_x0, b, channels, None, generator, device)
+    # Only frames after the first can carry loss: a single-frame sample (an image) is never conditioned away.
+    if spec.first_frame and frames > 1:
+        _keep_first_frame_clean(video, video_x0, height * width, first_frame_p, generator)
+    if spec.video == "absent":
+        frames = height = width = 1
 
-    if mode == "text-to-audio-video":
-        audio_x0 = patchify_audio(batch["audio_latents"])
-        audio_xt, audio_target, audio_sigma = _noised(audio_x0, generator)
-        audio_mask = torch.ones(audio_x0.shape[:2], device=device)
-        isolate = False
-    elif mode == "text-to-video":
-        # The audio stream is cut off from the video (isolate_modalities), so one silent clean token suffices.
-        audio_xt = torch.zeros(b, 1, video_x0.shape[-1], device=device, dtype=video_x0.dtype)
-        audio_target = audio_mask = None
-        audio_sigma = None
-        isolate = True
-    else:
-        raise ValueError(f"unknown training mode {mode!r}")
-
-    audio_sigma_in = audio_sigma if audio_sigma is not None else torch.zeros(b, device=device)
-    fps = batch["fps"]
     model_kwargs = {
-        "hidden_states": video_xt,
-        "audio_hidden_states": audio_xt,
+        "hidden_states": video.xt,
+        "audio_hidden_states": audio.xt,
         "encoder_hidden_states": batch["video_text_embeds"],
         "audio_encoder_hidden_states": batch["audio_text_embeds"],
         "encoder_attention_mask": batch["text_mask"],
         "audio_encoder_attention_mask": batch["text_mask"],
-        # Per-token timesteps: every token of a generated modality carries that sample's sigma.
-        "timestep": (video_sigma * TIMESTEP_SCALE)[:, None].expand(b, video_xt.shape[1]),
-        "audio_timestep": (audio_sigma_in * TIMESTEP_SCALE)[:, None].expand(b, audio_xt.shape[1]),
-        "sigma": video_sigma * TIMESTEP_SCALE,
-        "audio_sigma": audio_sigma_in * TIMESTEP_SCALE,
+        "timestep": video.timestep * TIMESTEP_SCALE,
+        "audio_timestep": audio.timestep * TIMESTEP_SCALE,
+        "sigma": video.sigma * TIMESTEP_SCALE,
+        "audio_sigma": audio.sigma * TIMESTEP_SCALE,
         "num_frames": frames,
         "height": height,
         "width": width,
-        "fps": fps,
-        "audio_num_frames": audio_xt.shape[1],
-        "isolate_modalities": isolate,
+        "fps": batch["fps"],
+        "audio_num_frames": audio.xt.shape[1],
+        "isolate_modalities": "absent" in (spec.video, spec.audio),
         "use_cross_timestep": True,
         "return_dict": False,
     }
-    return StepInputs(
-        model_kwargs=model_kwargs,
-        video_target=video_target,
-        video_loss_mask=video_mask,
-        audio_target=audio_target,
-        audio_loss_mask=audio_mask,
-        video_sigma=video_sigma,
-        audio_sigma=audio_sigma,
-    )
+    return StepInputs(model_kwargs, video.target, video.loss_mask, audio.target, audio.loss_mask, video.sigma,
+                      audio.sigma)
 
 
 def compute_loss(model: torch.nn.Module, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -112,11 +164,9 @@ def compute_loss(model: torch.nn.Module, inputs: StepInputs) -> tuple[torch.Tens
 
     The parts come back as detached tensors so that logging decides when to synchronise with the GPU."""
     video_pred, audio_pred = model(**inputs.model_kwargs)
-    video_loss = flow.masked_mse(video_pred, inputs.video_target, inputs.video_loss_mask)
-    parts = {"video_loss": video_loss.detach()}
-    loss = video_loss
+    losses = {}
+    if inputs.video_target is not None:
+        losses["video_loss"] = flow.masked_mse(video_pred, inputs.video_target, inputs.video_loss_mask)
     if inputs.audio_target is not None:
-        audio_loss = flow.masked_mse(audio_pred, inputs.audio_target, inputs.audio_loss_mask)
-        parts["audio_loss"] = audio_loss.detach()
-        loss = loss + audio_loss
-    return loss, parts
+        losses["audio_loss"] = flow.masked_mse(audio_pred, inputs.audio_target, inputs.audio_loss_mask)
+    return sum(losses.values()), {name: value.detach() for name, value in losses.items()}

@@ -36,10 +36,17 @@ from trainer.data.batches import BatchPlan, collate
 from trainer.data.cache import LatentCache
 from trainer.data.preprocess import preprocess
 from trainer.data.synthetic import ensure_synthetic_cache
-from trainer.lora import get_lora_state_dict, inject_lora, lora_parameters, set_lora_state_dict
+from trainer.lora import (
+    PRESET_GROUPS,
+    get_lora_state_dict,
+    group_of,
+    inject_lora,
+    lora_parameters,
+    set_lora_state_dict,
+)
 from trainer.export import export_run
 from trainer.models.registry import ModelTarget, build_transformer, check_checkpoint, get_target
-from trainer.modes import build_step_inputs, compute_loss
+from trainer.modes import build_step_inputs, compute_loss, isolated_groups
 
 logger = logging.getLogger("ltx_lora")
 
@@ -168,9 +175,11 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and torch.cuda.is_available())
     if use_bf16 and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision = 'bf16' needs a CUDA GPU; use 'auto' or 'no' on the CPU")
-    # Video-only modes isolate the audio stream, so adapters on audio modules get no gradient, which DDP must be told.
-    audio_adapters_idle = cfg.mode not in AUDIO_MODES and cfg.lora_targets not in ("video", "ic-lora")
-    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=audio_adapters_idle)
+    # Adapters on an isolated stream get no gradient, which DDP must be told (suffix lists may reach anything).
+    idle_groups = isolated_groups(cfg.mode)
+    targets = cfg.lora_targets
+    may_idle = isinstance(targets, list) or bool(idle_groups & set(PRESET_GROUPS[targets]))
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=may_idle)
     accelerator = Accelerator(
         mixed_precision="bf16" if use_bf16 else "no",
         cpu=not torch.cuda.is_available(),
@@ -192,9 +201,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         modules = inject_lora(model, cfg.lora.rank, cfg.lora_alpha, cfg.lora.dropout, cfg.lora_targets)
-    idle = [m for m in modules if "audio" in m]
-    if cfg.mode not in AUDIO_MODES and idle:
-        logger.warning("mode %s isolates the audio stream: the %d adapters on audio modules (e.g. %s) will not learn",
+    idle = [m for m in modules if group_of(m) in idle_groups]
+    if idle:
+        logger.warning("mode %s isolates one stream: the %d adapters on its modules (e.g. %s) will not learn",
                        cfg.mode, len(idle), idle[0])
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -251,7 +260,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
             parts_sum: dict[str, torch.Tensor] = {}
             for micro in range(accum):
                 batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
-                inputs = build_step_inputs(batch, cfg.mode, noise_generator(cfg.train.seed, step, micro, rank))
+                generator = noise_generator(cfg.train.seed, step, micro, rank)
+                inputs = build_step_inputs(batch, cfg.mode, generator, cfg.conditioning.first_frame_p)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
                     loss, parts = compute_loss(model, inputs)
                     accelerator.backward(loss / accum)

@@ -1,0 +1,105 @@
+"""Token layout of every training mode: what is generated, what is a clean condition, what carries loss."""
+
+import pytest
+import torch
+
+from trainer.lora import inject_lora, lora_parameters
+from trainer.models.registry import TARGETS, build_random_transformer
+from trainer.modes import MODE_SPECS, TIMESTEP_SCALE, build_step_inputs, compute_loss, patchify_audio, patchify_video
+
+FRAMES, HEIGHT, WIDTH, AUDIO_STEPS = 3, 2, 3, 5
+
+
+def _batch(target, seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "video_latents": torch.randn(batch, 128, FRAMES, HEIGHT, WIDTH, generator=g),
+        "audio_latents": torch.randn(batch, 8, AUDIO_STEPS, 16, generator=g),
+        "video_text_embeds": torch.randn(batch, 6, target.video_text_dim, generator=g),
+        "audio_text_embeds": torch.randn(batch, 6, target.audio_text_dim, generator=g),
+        "text_mask": torch.ones(batch, 6, dtype=torch.long),
+        "fps": 24.0,
+    }
+
+
+def _inputs(mode, batch, first_frame_p=0.0, seed=1):
+    return build_step_inputs(batch, mode, torch.Generator().manual_seed(seed), first_frame_p)
+
+
+@pytest.mark.parametrize("mode", sorted(MODE_SPECS))
+def test_roles_give_the_right_tokens_timesteps_and_losses(mode):
+    spec = MODE_SPECS[mode]
+    batch = _batch(TARGETS["tiny-ltx-2.3"])
+    inputs = _inputs(mode, batch)
+    kw = inputs.model_kwargs
+    streams = {
+        "video": (spec.video, kw["hidden_states"], kw["timestep"], kw["sigma"], inputs.video_target,
+                  patchify_video(batch["video_latents"])),
+        "audio": (spec.audio, kw["audio_hidden_states"], kw["audio_timestep"], kw["audio_sigma"], inputs.audio_target,
+                  patchify_audio(batch["audio_latents"])),
+    }
+    for name, (role, xt, timestep, sigma, target, x0) in streams.items():
+        if role == "absent":
+            assert xt.shape == (2, 1, 128) and not xt.any() and target is None, name
+        elif role == "clean":
+            assert torch.equal(xt, x0) and not timestep.any() and not sigma.any() and target is None, name
+        else:  # generated: every token carries its sample's sigma, and the loss
+            assert timestep.shape == x0.shape[:2] and torch.allclose(timestep, sigma[:, None].expand_as(timestep))
+            assert ((sigma > 0) & (sigma <= TIMESTEP_SCALE)).all() and target is not None, name
+            assert not torch.equal(xt, x0), name
+    assert kw["isolate_modalities"] == ("absent" in (spec.video, spec.audio))
+
+
+def test_each_generated_stream_draws_its_own_sigma():
+    inputs = _inputs("text-to-audio-video", _batch(TARGETS["tiny-ltx-2.3"], batch=4))
+    assert not torch.equal(inputs.video_sigma, inputs.audio_sigma)
+
+
+def test_image_to_video_keeps_the_first_latent_frame_clean():
+    batch = _batch(TARGETS["tiny-ltx-2.3"])
+    x0 = patchify_video(batch["video_latents"])
+    first = HEIGHT * WIDTH
+    always = _inputs("image-to-video", batch, first_frame_p=1.0)
+    kw = always.model_kwargs
+    assert torch.equal(kw["hidden_states"][:, :first], x0[:, :first])
+    assert not kw["timestep"][:, :first].any() and kw["timestep"][:, first:].all()
+    assert not always.video_loss_mask[:, :first].any() and always.video_loss_mask[:, first:].all()
+    never = _inputs("image-to-video", batch, first_frame_p=0.0)
+    assert never.video_loss_mask.all() and never.model_kwargs["timestep"].all()
+
+
+def test_image_to_video_never_conditions_away_a_single_frame_sample():
+    batch = _batch(TARGETS["tiny-ltx-2.3"])
+    batch["video_latents"] = batch["video_latents"][:, :, :1]
+    assert _inputs("image-to-video", batch, first_frame_p=1.0).video_loss_mask.all()
+
+
+def test_isolated_audio_cannot_change_the_video_prediction():
+    target = TARGETS["tiny-ltx-2.3"]
+    model = build_random_transformer(target, seed=0).eval()
+    kw = _inputs("text-to-video", _batch(target)).model_kwargs
+    with torch.no_grad():
+        video, _ = model(**kw)
+        other = dict(kw, audio_hidden_states=torch.randn_like(kw["audio_hidden_states"]) * 5)
+        video_other, _ = model(**other)
+        joint = dict(other, isolate_modalities=False)
+        video_joint, _ = model(**joint)
+    torch.testing.assert_close(video, video_other, rtol=0, atol=0)
+    assert not torch.allclose(video, video_joint)  # without isolation the audio does reach the video
+
+
+@pytest.mark.parametrize("target_name", ["tiny-ltx-2.3", "tiny-ltx-2"])
+@pytest.mark.parametrize("mode", sorted(MODE_SPECS))
+def test_one_training_step_gives_finite_lora_gradients(mode, target_name):
+    target = TARGETS[target_name]
+    model = build_random_transformer(target, seed=0)
+    inject_lora(model, rank=2, alpha=2, dropout=0.0, targets="audio-video")
+    for p in lora_parameters(model):  # non-zero B so every adapter passes gradient to its A
+        torch.nn.init.normal_(p, std=0.02)
+    loss, parts = compute_loss(model, _inputs(mode, _batch(target), first_frame_p=0.5))
+    loss.backward()
+    spec = MODE_SPECS[mode]
+    assert set(parts) == {f"{s}_loss" for s, role in (("video", spec.video), ("audio", spec.audio))
+                          if role == "generated"}
+    grads = [p.grad for p in lora_parameters(model) if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
