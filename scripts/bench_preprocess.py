@@ -1,8 +1,10 @@
 """Benchmark: preprocessing throughput (clips/s and seconds of video per second), and decoding alone as the baseline.
 
 Writes N clips with sound (H.264 + AAC, `--frames` frames at `--size` WxH, 24 fps), then measures, on the same clips:
-  decode      media.probe + read_frames + read_audio + log_mel per clip (what the CPU must keep up with)
-  preprocess  the whole `ltx-lora preprocess` path into an empty cache
+  decode         media.probe + read_frames + read_audio + log_mel per clip, one after another (the CPU's share)
+  encode         the VAEs alone on already decoded clips (the GPU's share)
+  preprocess/N   the whole `ltx-lora preprocess` path into an empty cache, N decode threads (data.decode_threads)
+Decoding is not the bottleneck when preprocess/N approaches encode.
 Components: `--vaes tiny` uses the tiny random VAEs (CPU runs); `--vaes full` builds full-size video and audio VAEs
 with random weights (speed does not depend on weight values) on the GPU, video VAE in bf16, audio VAE in fp32.
 The text path is the tiny one in both cases: each caption is encoded once, so it is not what limits throughput.
@@ -28,7 +30,7 @@ import torch
 from trainer.config import resolve
 from trainer.data import media
 from trainer.data.preprocess import preprocess
-from trainer.models.components import TINY_TEXT_TOKENS, Components
+from trainer.models.components import TINY_TEXT_TOKENS, Components, encode_audio, encode_video
 from trainer.models.registry import TARGETS
 from trainer.models.text import PromptEncoder
 from trainer.models.tiny import build_tiny_components
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=25)
     parser.add_argument("--size", default="192x128", help="WxH of the clips and the bucket")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", default="2", help="decode thread counts to time, e.g. 1,2,4")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,37 +108,53 @@ def main() -> None:
     bucket = f"{width}x{height}x{args.frames}"
     built = components(args.vaes, device)
     seconds_of_video = args.clips * args.frames / 24.0
-    decode, whole = [], []
+    threads = [int(t) for t in args.threads.split(",")]
+    times: dict[str, list[float]] = {"decode": [], "encode": [], **{f"preprocess/{t}": [] for t in threads}}
+
+    def timed(run) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
     for repeat in range(args.repeats + 1):  # the first round warms up (kernels, caches)
-        started = time.perf_counter()
-        for path in sorted((work / "clips").glob("*.mp4")):
-            info = media.probe(path)
-            media.read_frames(info, media.parse_bucket(bucket), 24.0)
-            media.log_mel(media.read_audio(path, 0.0, args.frames / 24.0))
-        decoded = time.perf_counter() - started
-        cfg = resolve({"output_dir": str(work / "run"), "model": {"target": "tiny-ltx-2.3"},
-                       "data": {"cache_dir": str(work / f"cache{repeat}"), "source": str(work / "clips"),
-                                "buckets": [bucket]}})
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        report = preprocess(cfg, progress=False, components=built)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-        assert report.encoded == args.clips, report.summary()
+        decoded = []
+
+        def decode():
+            for path in sorted((work / "clips").glob("*.mp4")):
+                info = media.probe(path)
+                frames = media.read_frames(info, media.parse_bucket(bucket), 24.0)
+                decoded.append((frames, media.log_mel(media.read_audio(path, 0.0, args.frames / 24.0))))
+
+        def encode():
+            for frames, mel in decoded:
+                encode_video(built.video_vae, frames)
+                encode_audio(built.audio_vae, mel)
+
+        round_times = {"decode": timed(decode), "encode": timed(encode)}
+        for t in threads:
+            cfg = resolve({"output_dir": str(work / "run"), "model": {"target": "tiny-ltx-2.3"},
+                           "data": {"cache_dir": str(work / f"cache{repeat}-{t}"), "source": str(work / "clips"),
+                                    "buckets": [bucket], "decode_threads": t}})
+            reports = []
+            round_times[f"preprocess/{t}"] = timed(lambda: reports.append(preprocess(cfg, progress=False,
+                                                                                     components=built)))
+            assert reports[0].encoded == args.clips, reports[0].summary()
         if repeat:
-            decode.append(decoded)
-            whole.append(elapsed)
+            for name, seconds in round_times.items():
+                times[name].append(seconds)
     shutil.rmtree(work)
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"card: {card}, torch {torch.__version__}, VAEs {args.vaes}, {args.clips} clips x {bucket} at 24 fps, "
           f"{torch.get_num_threads()} CPU threads")
-    print("what        median s   clips/s   video s/s   (runs)")
-    for name, runs in (("decode", decode), ("preprocess", whole)):
+    print("what          median s   clips/s   video s/s   (runs)")
+    for name, runs in times.items():
         median = statistics.median(runs)
-        print(f"{name:<11} {median:8.2f} {args.clips / median:9.2f} {seconds_of_video / median:11.2f}   "
+        print(f"{name:<13} {median:8.2f} {args.clips / median:9.2f} {seconds_of_video / median:11.2f}   "
               f"({', '.join('%.2f' % r for r in runs)})")
 
 

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from accelerate import PartialState
 from media_files import gray_frames, tone, write_video
 from PIL import Image
 from safetensors import safe_open
@@ -236,9 +237,11 @@ def test_reference_latents_have_the_downscaled_size_and_every_kth_frame(conditio
     assert "reference_latents" not in samples["plain"]
 
     # Exactly the sample's 17 frames (same span and sampling) at the reference size, then every second one.
-    vae = load_components(cfg, torch.device("cpu")).video_vae
+    device = PartialState().device  # where preprocessing encoded (GPU convolutions round differently from the CPU)
+    vae = load_components(cfg, device).video_vae
     frames = media.read_frames(media.probe(cache_dir.parent / "depth.mp4"), media.Bucket(64, 32, 17), cfg.data.fps)
-    torch.testing.assert_close(reference, encode_video(vae, frames[:, ::2].contiguous()))
+    tolerance = {} if device.type == "cpu" else {"rtol": 1e-3, "atol": 1e-3}
+    torch.testing.assert_close(reference, encode_video(vae, frames[:, ::2].contiguous()), **tolerance)
     assert not torch.allclose(reference, encode_video(vae, frames[:, :9].contiguous()))
 
 
