@@ -149,3 +149,57 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, c
     assert "step 3: non-finite loss or gradient" in caplog.text
     # Skipped steps leave the adapter as the last good step made it, and write no checkpoint.
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002"]
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.25, 0.5, 0.75, 1.0, 1.0, 0.775, 0.55, 0.325, 0.1]),  # the final fraction is reached at `steps`
+])
+def test_learning_rate_schedule_warms_up_then_decays_to_the_final_fraction(tmp_path, schedule, expected):
+    cfg = resolve(_config(tmp_path, optim={"schedule": schedule, "warmup_steps": 4}, train={"steps": 8}))
+    assert [round(train_module.lr_factor(step, cfg), 6) for step in range(9)] == expected
+    cosine = resolve(_config(tmp_path, optim={"schedule": "cosine", "warmup_steps": 0}, train={"steps": 8}))
+    factors = [train_module.lr_factor(step, cosine) for step in range(9)]
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(0.1) and factors == sorted(factors, reverse=True)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
+    plain = train(resolve(_config(tmp_path / "a", train={"steps": 3})), progress=False)
+    checkpointed = train(resolve(_config(tmp_path / "b", train={"steps": 3, "gradient_checkpointing": True})),
+                         progress=False)
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-6)
+    a, b = load_file(tmp_path / "a" / "run" / "lora.safetensors"), load_file(tmp_path / "b" / "run" / "lora.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_gradient_accumulation_runs_and_logs_the_mean_of_its_micro_batches(tmp_path, monkeypatch):
+    real = train_module.compute_loss
+    micro_losses = []
+
+    def recording(model, inputs):
+        loss, parts = real(model, inputs)
+        micro_losses.append(loss.item())
+        return loss, parts
+
+    monkeypatch.setattr(train_module, "compute_loss", recording)
+    cfg = resolve(_config(tmp_path, train={"steps": 2, "batch_size": 1, "gradient_accumulation_steps": 2}))
+    train(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(micro_losses) == 4
+    assert [r["loss"] for r in records] == pytest.approx([sum(micro_losses[0:2]) / 2, sum(micro_losses[2:4]) / 2])
+
+
+def test_8bit_adamw_without_bitsandbytes_names_the_fix(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    cfg = resolve(_config(tmp_path, optim={"optimizer": "adamw8bit"}))
+    with pytest.raises(ConfigError, match=r"needs bitsandbytes: pip install 'ltx-lora\[bnb\]'"):
+        train_module.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg, torch.device("cpu"))
