@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
 from trainer.models.registry import TARGETS
 from trainer.models.text import PromptEncoder, TextEncoderError, load_text_encoder
+from trainer.models.tiny import tiny_connectors, tiny_text_encoder
 
 MAX_LENGTH = 16  # a multiple of the connectors' 4 registers, as 1024 is of the published 128
 TARGET = {"2.0": TARGETS["tiny-ltx-2"], "2.3": TARGETS["tiny-ltx-2.3"]}
@@ -27,34 +28,9 @@ PROMPTS = [
     "rain falls on the city street at night, cars pass by while a man speaks softly to the camera",
 ]
 
-# The connectors of tests/test_loading.py (sized to the tiny targets): LTX-2 projects the 3 x 24 Gemma features to
-# the caption width (24); LTX-2.3 straight to the video (32) and audio (16) widths, with gated 1D blocks.
-_CONNECTORS = {
-    "2.0": dict(
-        caption_channels=24, text_proj_in_factor=3, video_connector_num_attention_heads=2,
-        video_connector_attention_head_dim=12, video_connector_num_layers=2, video_connector_num_learnable_registers=4,
-        video_gated_attn=False, audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=12,
-        audio_connector_num_layers=2, audio_connector_num_learnable_registers=4, audio_gated_attn=False,
-        connector_rope_base_seq_len=4096, rope_theta=10000.0, rope_double_precision=True,
-        causal_temporal_positioning=False, rope_type="split", per_modality_projections=False, video_hidden_dim=32,
-        audio_hidden_dim=16, proj_bias=False,
-    ),
-    "2.3": dict(
-        caption_channels=24, text_proj_in_factor=3, video_connector_num_attention_heads=2,
-        video_connector_attention_head_dim=16, video_connector_num_layers=2, video_connector_num_learnable_registers=4,
-        video_gated_attn=True, audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=8,
-        audio_connector_num_layers=2, audio_connector_num_learnable_registers=4, audio_gated_attn=True,
-        connector_rope_base_seq_len=4096, rope_theta=10000.0, rope_double_precision=True,
-        causal_temporal_positioning=False, rope_type="split", per_modality_projections=True, video_hidden_dim=32,
-        audio_hidden_dim=16, proj_bias=True,
-    ),
-}
-
-
 def _connectors(version: str, dtype: torch.dtype = torch.float32) -> LTX2TextConnectors:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        return LTX2TextConnectors(**_CONNECTORS[version]).eval().to(dtype)
+    """The tiny connectors of the package, sized to the tiny targets and the tiny Gemma's hidden states."""
+    return tiny_connectors(TARGET[version], tiny_text_encoder()[0], seed=1).to(dtype)
 
 
 def _load_tiny(path, dtype: torch.dtype = torch.float32):
