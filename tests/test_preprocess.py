@@ -344,3 +344,13 @@ def test_empty_prompt_is_cached_once_and_reused(conditioned, tmp_path):
     (copy / EMPTY_PROMPT).unlink()
     with pytest.raises(CacheError, match=r"copy/extras/empty_prompt.safetensors is missing"):
         _open(copy).empty_prompt()
+
+
+def test_training_from_media_with_caption_dropout(tmp_path, demo):
+    from trainer.train import train
+
+    cfg = _config(tmp_path, demo)
+    cfg.train.steps, cfg.train.caption_dropout_p, cfg.train.gradient_checkpointing = 2, 0.5, False
+    result = train(cfg, progress=False)  # preprocesses data.source first, then trains on the cache
+    assert result.final_step == 2 and len(result.exported) == 2
+    assert json.loads((tmp_path / "cache" / REPORT).read_text())["samples"] == 4

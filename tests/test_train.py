@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import trainer.train as train_module
 from trainer.checkpoint import CheckpointError, list_checkpoints
+from trainer.data.cache import CacheError
 from trainer.cli import main
 from trainer.config import ConfigError, resolve
 from trainer.modes import MODE_SPECS
@@ -203,3 +204,23 @@ def test_8bit_adamw_without_bitsandbytes_names_the_fix(tmp_path, monkeypatch):
     cfg = resolve(_config(tmp_path, optim={"optimizer": "adamw8bit"}))
     with pytest.raises(ConfigError, match=r"needs bitsandbytes: pip install 'ltx-lora\[bnb\]'"):
         train_module.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg, torch.device("cpu"))
+
+
+def test_caption_dropout_replaces_text_with_the_empty_prompt():
+    batch = {"video_text_embeds": torch.randn(64, 4, 3), "audio_text_embeds": torch.randn(64, 4, 2),
+             "text_mask": torch.ones(64, 4, dtype=torch.long)}
+    empty = {"video_text_embeds": torch.full((4, 3), 7.0), "audio_text_embeds": torch.full((4, 2), 7.0),
+             "text_mask": torch.tensor([0, 0, 1, 1])}
+    original = {k: v.clone() for k, v in batch.items()}
+    train_module.drop_captions(batch, empty, 0.5, torch.Generator().manual_seed(0))
+    dropped = (batch["video_text_embeds"] == 7.0).all(dim=(1, 2))
+    assert 16 < dropped.sum() < 48  # about half of 64
+    for key in batch:
+        assert torch.equal(batch[key][dropped], empty[key].expand_as(batch[key][dropped]))
+        assert torch.equal(batch[key][~dropped], original[key][~dropped])
+
+
+def test_caption_dropout_needs_the_cached_empty_prompt(tmp_path):
+    cfg = resolve(_config(tmp_path, train={"caption_dropout_p": 0.3}))  # a synthetic cache has no empty prompt
+    with pytest.raises(CacheError, match=r"empty_prompt.safetensors is missing \(caption dropout needs it\)"):
+        train(cfg, progress=False)

@@ -130,6 +130,8 @@ class TrainSection(_Strict):
     log_every: PositiveInt = 10
     # Consecutive steps with a NaN/inf loss or gradient that stop the run.
     max_bad_steps: PositiveInt = 5
+    # Probability that a sample's caption is replaced by the empty prompt (keeps unconditional generation working).
+    caption_dropout_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
 class ConditioningSection(_Strict):

@@ -139,6 +139,14 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
     return o.final_lr_fraction + (1.0 - o.final_lr_fraction) * decay
 
 
+def drop_captions(batch: dict[str, Any], empty: dict[str, torch.Tensor], probability: float,
+                  generator: torch.Generator) -> None:
+    """Caption dropout: each sample's text becomes the empty prompt's with `probability`."""
+    dropped = torch.rand(batch["text_mask"].shape[0], generator=generator) < probability
+    for key, value in empty.items():
+        batch[key][dropped.to(batch[key].device)] = value.to(batch[key].device, batch[key].dtype)
+
+
 def noise_generator(seed: int, step: int, micro_step: int, rank: int) -> torch.Generator:
     """The generator of one micro-batch's sigmas and noise: a pure function of where it is in the run."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro_step) * 131 + rank)
@@ -191,6 +199,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     if source is not None:
         preprocess(cfg, source, progress=progress)
     dataset = open_dataset(cfg, target, accelerator)
+    empty_prompt = dataset.empty_prompt() if cfg.train.caption_dropout_p > 0 else None
     if accelerator.is_main_process:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False), encoding="utf-8")
 
@@ -260,6 +269,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
             parts_sum: dict[str, torch.Tensor] = {}
             for micro in range(accum):
                 batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
+                if empty_prompt is not None:
+                    dropout_generator = noise_generator(cfg.train.seed + 1, step, micro, rank)
+                    drop_captions(batch, empty_prompt, cfg.train.caption_dropout_p, dropout_generator)
                 generator = noise_generator(cfg.train.seed, step, micro, rank)
                 inputs = build_step_inputs(batch, cfg.mode, generator, cfg.conditioning.first_frame_p)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
