@@ -23,7 +23,7 @@ def test_defaults_follow_the_official_recipe():
     assert resolve({**BASE, "mode": "text-to-audio-video"}).lora_targets == "audio-video"
     assert resolve({**BASE, "mode": "video-to-audio"}).lora_targets == "video-to-audio"
     assert resolve({**BASE, "mode": "audio-only"}).lora_targets == "audio"
-    assert resolve({**BASE, "mode": "image-to-video"}).conditioning.first_frame_p == 0.5
+    assert resolve({**BASE, "mode": "image-to-video"}).conditioning.first_frame_p == 0.1
 
 
 def test_misspelt_key_is_named_with_a_suggestion():

@@ -136,7 +136,7 @@ class TrainSection(_Strict):
 
 class ConditioningSection(_Strict):
     # image-to-video: the probability that a sample's first latent frame is a clean condition (no loss).
-    first_frame_p: Annotated[float, Field(ge=0, le=1)] = 0.5
+    first_frame_p: Annotated[float, Field(ge=0, le=1)] = 0.1
 
 
 class SyntheticSection(_Strict):
