@@ -18,7 +18,6 @@ from trainer.models.text import TextEncoderError
 USER_ERRORS = (ConfigError, CheckpointError, CacheError, LoraFileError, WeightsError, TextEncoderError)
 
 
-
 def _train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.train import TrainingDiverged, train

@@ -35,7 +35,7 @@ from trainer.config import AUDIO_MODES, ConfigError, RunConfig
 from trainer.data.batches import BatchPlan, collate
 from trainer.data.cache import LatentCache
 from trainer.data.preprocess import preprocess
-from trainer.data.synthetic import ensure_synthetic_cache
+from trainer.data.synthetic import AUDIO_STEPS_PER_SECOND, ensure_synthetic_cache
 from trainer.lora import (
     PRESET_GROUPS,
     get_lora_state_dict,
@@ -49,9 +49,6 @@ from trainer.models.registry import ModelTarget, build_transformer, check_checkp
 from trainer.modes import build_step_inputs, compute_loss, isolated_groups
 
 logger = logging.getLogger("ltx_lora")
-
-# Audio latents: 16 kHz, hop 160, 4x temporal compression -> 25 tokens per second.
-AUDIO_TOKENS_PER_SECOND = 25
 
 
 class TrainingDiverged(RuntimeError):
@@ -97,7 +94,7 @@ def open_dataset(cfg: RunConfig, target: ModelTarget, accelerator: Accelerator) 
             latent_frames=(synthetic.frames - 1) // 8 + 1,
             latent_height=synthetic.height // 32,
             latent_width=synthetic.width // 32,
-            audio_tokens=round(synthetic.frames / synthetic.fps * AUDIO_TOKENS_PER_SECOND) if synthetic.audio else None,
+            audio_tokens=round(synthetic.frames / synthetic.fps * AUDIO_STEPS_PER_SECOND) if synthetic.audio else None,
             text_len=synthetic.text_len,
             fps=synthetic.fps,
             seed=synthetic.seed,

@@ -13,7 +13,6 @@ Under `accelerate launch` each process encodes its share; the main process write
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 from collections import Counter, deque
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from trainer.config import AUDIO_MODES, ConfigError, RunConfig
 from trainer.data import media
 from trainer.data.cache import CACHE_VERSION, EMPTY_PROMPT, CacheError, write_empty_prompt, write_manifest, write_sample
-from trainer.io import write_atomic
+from trainer.io import digest, file_identity, write_atomic
 from trainer.models.components import (
     Components,
     components_identity,
@@ -136,10 +135,6 @@ def _with_trigger(caption: str, trigger: str | None) -> str:
     return f"{trigger}, {caption}"
 
 
-def _file_identity(path: Path) -> list:
-    return [str(path), path.stat().st_size, path.stat().st_mtime_ns]
-
-
 def _fingerprint(cfg: RunConfig, identity: str, item: Item, bucket: media.Bucket, caption: str) -> str:
     files = [item.media] + ([item.audio] if item.audio else [])
     described = {
@@ -149,20 +144,20 @@ def _fingerprint(cfg: RunConfig, identity: str, item: Item, bucket: media.Bucket
         "bucket": str(bucket),
         "fps": cfg.data.fps,
         "caption": caption,
-        "files": [_file_identity(p) for p in files],
+        "files": [file_identity(p) for p in files],
     }
     # Only samples with a reference or mask depend on them: other samples keep their fingerprints.
     if item.reference:
-        described["reference"] = _file_identity(item.reference)
+        described["reference"] = file_identity(item.reference)
         described["reference_scale"] = [cfg.data.reference_downscale, cfg.data.reference_temporal_scale]
     if item.mask:
-        described["mask"] = _file_identity(item.mask)
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+        described["mask"] = file_identity(item.mask)
+    return digest(described)
 
 
 def _empty_prompt_fingerprint(cfg: RunConfig) -> str:
     described = {"cache_version": CACHE_VERSION, "target": cfg.model.target, "weights": components_identity(cfg)}
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    return digest(described)
 
 
 def _cached_fingerprint(path: Path) -> str | None:

@@ -7,14 +7,11 @@ smoke run exercises the real preprocessing path with nothing downloaded.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
 from trainer.config import ConfigError, RunConfig
+from trainer.io import digest, file_identity
 from trainer.models.registry import get_target
 from trainer.models.text import PromptEncoder
 
@@ -29,23 +26,16 @@ class Components:
     prompt_encoder: PromptEncoder
 
 
-def _file_identity(path: str) -> list:
-    """Path, size and modification time of every file under `path`: cheap, and changes when the weights do."""
-    root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-
-
 def components_identity(cfg: RunConfig) -> str:
     """A short hash naming the weights that encode the cache, computed without loading them."""
     if cfg.model.checkpoint is None:
         described = {"random": cfg.model.target, "seed": cfg.model.init_seed}
     else:
         described = {
-            "components": _file_identity(cfg.model.components or cfg.model.checkpoint),
-            "text_encoder": _file_identity(cfg.model.text_encoder) if cfg.model.text_encoder else None,
+            "components": file_identity(cfg.model.components or cfg.model.checkpoint),
+            "text_encoder": file_identity(cfg.model.text_encoder) if cfg.model.text_encoder else None,
         }
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(described)[:16]
 
 
 def load_components(cfg: RunConfig, device: torch.device) -> Components:
