@@ -41,5 +41,15 @@ def test_collate_stacks_and_refuses_mixed_fps():
     sample = {"video_latents": torch.randn(2, 3), "fps": 24.0, "name": "x"}
     batch = collate([sample, {**sample, "name": "y"}])
     assert batch["video_latents"].shape == (2, 2, 3) and batch["fps"] == 24.0 and batch["name"] == ["x", "y"]
-    with pytest.raises(ValueError, match="mixes frame rates"):
+    with pytest.raises(ValueError, match=r"mixes fps values \[24.0, 25.0\]"):
         collate([sample, {**sample, "fps": 25.0}])
+
+
+def test_collate_carries_one_pair_of_reference_factors_and_refuses_a_mix():
+    sample = {"video_latents": torch.randn(2, 3), "fps": 24.0, "name": "x", "reference_latents": torch.randn(1),
+              "reference_downscale": 2, "reference_temporal_scale": 3}
+    batch = collate([sample, {**sample, "name": "y"}])
+    assert (batch["reference_downscale"], batch["reference_temporal_scale"]) == (2, 3)
+    assert "reference_downscale" not in collate([{"video_latents": torch.randn(1), "fps": 24.0, "name": "z"}])
+    with pytest.raises(ValueError, match=r"mixes reference_downscale values \[1, 2\]"):
+        collate([sample, {**sample, "reference_downscale": 1}])

@@ -109,6 +109,25 @@ def test_reference_latents_round_trip_and_separate_batches(tmp_path):
     assert keys[0] == keys[1] and len(set(keys)) == 4  # reference shape, factors, or none: each its own batch
 
 
+def test_ic_lora_needs_a_reference_for_every_sample_at_one_pair_of_factors(tmp_path):
+    write_sample(tmp_path, "plain", _tensors(), _metadata())
+    write_sample(tmp_path, "a", *_with_reference(downscale=2, temporal_scale=3))
+    write_manifest(tmp_path, "2.3")
+    with pytest.raises(CacheError, match=r"mode ic-lora needs a reference video for every sample, but 1 of 2 .*"
+                                         r"\(e.g. plain\).*`references/` folder"):
+        LatentCache(tmp_path, "2.3", DV, DA, require_audio=False, require_reference=True)
+    write_sample(tmp_path, "plain", *_with_reference(downscale=1))
+    write_manifest(tmp_path, "2.3")
+    with pytest.raises(CacheError, match=r"different \(reference_downscale, reference_temporal_scale\) factors "
+                                         r"\[\(1, 1\), \(2, 3\)\]"):
+        LatentCache(tmp_path, "2.3", DV, DA, require_audio=False, require_reference=True)
+    write_sample(tmp_path, "plain", *_with_reference(downscale=2, temporal_scale=3))
+    write_manifest(tmp_path, "2.3")
+    dataset = LatentCache(tmp_path, "2.3", DV, DA, require_audio=False, require_reference=True)
+    assert dataset.reference_factors() == (2, 3)
+    assert (dataset[0]["reference_downscale"], dataset[0]["reference_temporal_scale"]) == (2, 3)
+
+
 def test_reference_latents_need_their_factors(tmp_path):
     tensors, metadata = _with_reference()
     with pytest.raises(ValueError, match="reference_latents and the metadata reference_downscale"):

@@ -58,8 +58,29 @@ def test_files_exist_with_captions_and_stay_small(dataset):
     for path, entry in zip(media, listing["clips"] + listing["images"]):
         assert path.is_file() and path.name == entry["file"]
         assert path.with_suffix(".txt").read_text(encoding="utf-8").strip() == entry["caption"]
-    assert sum(p.stat().st_size for p in root.iterdir()) < 1_000_000
-    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert sorted(p.name for p in (root / "references").iterdir()) == sorted(p.name for p in media)
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 1_000_000
+    assert not [p for p in files if p.name.startswith(".")]  # no temporary files left
+
+
+def test_each_reference_is_its_samples_shape_in_white_on_black_and_silent(dataset):
+    root, media = dataset
+    for path in media:
+        reference = root / "references" / path.name
+        if path.suffix == ".png":
+            sample, control = np.asarray(Image.open(path)), np.asarray(Image.open(reference))[None]
+            sample = sample[None]
+        else:
+            sample, control = _frames(path), _frames(reference)
+            with av.open(str(reference)) as container:
+                assert not container.streams.audio
+        assert control.shape == sample.shape
+        assert np.minimum(control, 255 - control).max() < 40  # black or white, nothing between
+        shape = control.mean(-1) > 127
+        assert shape.any(axis=(1, 2)).all()  # the shape is in every frame
+        moved = np.abs(sample.astype(int) - sample[:, :1, :1].astype(int)).sum(-1) > 60
+        assert (shape == moved).mean() > 0.99  # where the sample's shape is
 
 
 def test_clips_decode_with_the_frame_count_rate_and_motion_the_caption_says(dataset):
@@ -105,9 +126,9 @@ def test_images_open_with_pillow(dataset):
 
 def test_a_complete_dataset_is_not_rewritten(dataset):
     root, media = dataset
-    before = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     assert write_demo_dataset(root, seed=0) == media
-    assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == before
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
 
 
 def test_an_interrupted_run_leaves_no_half_file_and_the_next_run_completes(tmp_path, monkeypatch):
@@ -123,7 +144,8 @@ def test_an_interrupted_run_leaves_no_half_file_and_the_next_run_completes(tmp_p
     monkeypatch.setattr(demo, "_soundtrack", dies_on_the_second_clip)
     with pytest.raises(KeyboardInterrupt):
         write_demo_dataset(tmp_path, num_clips=2, num_images=0, width=64, height=32, frames=9)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_000.mp4", "clip_000.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_000.mp4", "clip_000.txt", "references"]
+    assert [p.name for p in (tmp_path / "references").iterdir()] == ["clip_000.mp4"]
     monkeypatch.setattr(demo, "_soundtrack", soundtrack)
     media = write_demo_dataset(tmp_path, num_clips=2, num_images=0, width=64, height=32, frames=9)
     assert [p.name for p in media] == ["clip_000.mp4", "clip_001.mp4"] and (tmp_path / MARKER).is_file()

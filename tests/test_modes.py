@@ -5,19 +5,30 @@ import torch
 
 from trainer.lora import inject_lora, lora_parameters
 from trainer.models.registry import TARGETS, build_random_transformer
-from trainer.modes import MODE_SPECS, TIMESTEP_SCALE, build_step_inputs, compute_loss, patchify_audio, patchify_video
+from trainer.modes import (
+    MODE_SPECS,
+    TIMESTEP_SCALE,
+    build_step_inputs,
+    compute_loss,
+    patchify_audio,
+    patchify_video,
+    video_coords,
+)
 
 FRAMES, HEIGHT, WIDTH, AUDIO_STEPS = 3, 2, 3, 5
 
 
-def _batch(target, seed=0, batch=2):
+def _batch(target, seed=0, batch=2, shape=(FRAMES, HEIGHT, WIDTH), reference=(FRAMES, HEIGHT, WIDTH), factors=(1, 1)):
     g = torch.Generator().manual_seed(seed)
     return {
-        "video_latents": torch.randn(batch, 128, FRAMES, HEIGHT, WIDTH, generator=g),
+        "video_latents": torch.randn(batch, 128, *shape, generator=g),
         "audio_latents": torch.randn(batch, 8, AUDIO_STEPS, 16, generator=g),
         "video_text_embeds": torch.randn(batch, 6, target.video_text_dim, generator=g),
         "audio_text_embeds": torch.randn(batch, 6, target.audio_text_dim, generator=g),
         "text_mask": torch.ones(batch, 6, dtype=torch.long),
+        "reference_latents": torch.randn(batch, 128, *reference, generator=g),
+        "reference_downscale": factors[0],
+        "reference_temporal_scale": factors[1],
         "fps": 24.0,
     }
 
@@ -32,8 +43,10 @@ def test_roles_give_the_right_tokens_timesteps_and_losses(mode):
     batch = _batch(TARGETS["tiny-ltx-2.3"])
     inputs = _inputs(mode, batch)
     kw = inputs.model_kwargs
+    generated = slice(inputs.reference_tokens, None)  # IC-LoRA's reference tokens come first (tested below)
     streams = {
-        "video": (spec.video, kw["hidden_states"], kw["timestep"], kw["sigma"], inputs.video_target,
+        "video": (spec.video, kw["hidden_states"][:, generated], kw["timestep"][:, generated], kw["sigma"],
+                  inputs.video_target,
                   patchify_video(batch["video_latents"])),
         "audio": (spec.audio, kw["audio_hidden_states"], kw["audio_timestep"], kw["audio_sigma"], inputs.audio_target,
                   patchify_audio(batch["audio_latents"])),
@@ -103,3 +116,60 @@ def test_one_training_step_gives_finite_lora_gradients(mode, target_name):
                           if role == "generated"}
     grads = [p.grad for p in lora_parameters(model) if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 2, 3), (2, 4, 1)])
+@pytest.mark.parametrize("fps", [24.0, 25.0])
+def test_video_coords_are_the_transformers_own(shape, fps):
+    model = build_random_transformer(TARGETS["tiny-ltx-2.3"], seed=0)
+    expected = model.rope.prepare_video_coords(2, *shape, torch.device("cpu"), fps=fps)
+    torch.testing.assert_close(video_coords(2, *shape, fps, torch.device("cpu")), expected, rtol=0, atol=0)
+
+
+def test_ic_lora_prepends_the_clean_reference_at_the_positions_of_the_region_it_shows():
+    # Target 3 latent frames x 4 x 6 cells; reference at half size (d = 2) and every other pixel frame (k = 2):
+    # 17 pixel frames -> 9 -> 2 latent frames.
+    batch = _batch(TARGETS["tiny-ltx-2.3"], shape=(3, 4, 6), reference=(2, 2, 3), factors=(2, 2))
+    inputs = _inputs("ic-lora", batch)
+    kw = inputs.model_kwargs
+    reference = patchify_video(batch["reference_latents"])
+    count = reference.shape[1]
+    assert inputs.reference_tokens == count == 2 * 2 * 3
+    assert torch.equal(kw["hidden_states"][:, :count], reference)
+    assert not kw["timestep"][:, :count].any() and kw["timestep"][:, count:].all()
+    assert inputs.video_target.shape[1] == kw["hidden_states"].shape[1] - count  # loss on the target only
+    coords = kw["video_coords"]
+    torch.testing.assert_close(coords[:, :, count:], video_coords(2, 3, 4, 6, 24.0, torch.device("cpu")))
+    # Reference cell (frame 1, row 1, column 2) shows pixel rows [64, 128), columns [128, 192) of the target, and
+    # pixel frames [2, 18) (its own frames [1, 9) at every other frame), in seconds.
+    index = (1 * 2 + 1) * 3 + 2
+    torch.testing.assert_close(coords[0, :, index], torch.tensor([[2 / 24, 18 / 24], [64.0, 128.0], [128.0, 192.0]]))
+    first = coords[0, :, 0]  # the causal first frame is pixel frame 0 alone, whatever the scale
+    torch.testing.assert_close(first, torch.tensor([[0.0, 2 / 24], [0.0, 64.0], [0.0, 64.0]]))
+
+
+def test_ic_lora_reference_conditions_the_prediction_but_carries_no_loss():
+    target = TARGETS["tiny-ltx-2.3"]
+    model = build_random_transformer(target, seed=0).eval()
+    batch = _batch(target, shape=(3, 4, 6), reference=(2, 2, 3), factors=(2, 2))
+    inputs = _inputs("ic-lora", batch)
+    with torch.no_grad():
+        loss, _ = compute_loss(model, inputs)
+        other = _inputs("ic-lora", dict(batch, reference_latents=torch.randn_like(batch["reference_latents"])))
+        loss_other, _ = compute_loss(model, other)
+    assert not torch.isclose(loss, loss_other)  # the model sees the reference
+
+    class Echo(torch.nn.Module):  # predicts its input: the reference part of the prediction is the reference
+        def forward(self, hidden_states, audio_hidden_states, **_):
+            return hidden_states, audio_hidden_states
+
+    moved = _inputs("ic-lora", batch)
+    moved.model_kwargs["hidden_states"][:, :moved.reference_tokens] += 100.0
+    torch.testing.assert_close(compute_loss(Echo(), moved)[0], compute_loss(Echo(), _inputs("ic-lora", batch))[0])
+
+
+def test_ic_lora_without_references_is_refused():
+    batch = _batch(TARGETS["tiny-ltx-2.3"])
+    del batch["reference_latents"]
+    with pytest.raises(ValueError, match="ic-lora.*reference_latents"):
+        _inputs("ic-lora", batch)

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import trainer.data.preprocess as preprocess_module
-from trainer.config import resolve
+from trainer.config import ConfigError, resolve
 from trainer.data import media
 from trainer.data.cache import EMPTY_PROMPT, CacheError, LatentCache
 from trainer.data.demo import write_demo_dataset
@@ -59,6 +59,8 @@ def test_demo_media_become_a_valid_cache_and_reruns_reuse_it(tmp_path, demo):
     assert clip["fps"] == 24.0
     assert samples["image_000"]["video_latents"].shape == (128, 1, 4, 6) and "audio_latents" not in samples["image_000"]
     assert not torch.equal(clip["video_latents"], samples["clip_001"]["video_latents"])
+    # The demo's references/ folder gives every sample its reference, at the sample's size (factors 1).
+    assert all(s["reference_latents"].shape == s["video_latents"].shape for s in samples.values())
     saved = json.loads((tmp_path / "cache" / REPORT).read_text())
     assert saved["samples"] == 4 and saved["per_bucket"] == report.per_bucket
 
@@ -354,3 +356,38 @@ def test_training_from_media_with_caption_dropout(tmp_path, demo):
     result = train(cfg, progress=False)  # preprocesses data.source first, then trains on the cache
     assert result.final_step == 2 and len(result.exported) == 2
     assert json.loads((tmp_path / "cache" / REPORT).read_text())["samples"] == 4
+
+
+def test_a_folder_dataset_takes_references_and_masks_from_same_stem_files_beside_it(tmp_path):
+    source = tmp_path / "data"
+    (source / "references").mkdir(parents=True)
+    (source / "masks").mkdir()
+    for name in ("a", "b"):
+        _clip(source / f"{name}.mp4")
+        (source / f"{name}.txt").write_text(f"sample {name}")
+    _clip(source / "references" / "a.mp4", values=255 - STEPS)
+    _mask_image(source / "masks" / "b.png", white_columns=slice(0, 64), width=128, height=64)
+    preprocess(_config(tmp_path, source, buckets=SMALL), progress=False)
+    samples = _samples(tmp_path / "cache")
+    assert samples["a"]["reference_latents"].shape == (128, 3, 2, 4) and "video_loss_mask" not in samples["a"]
+    assert "reference_latents" not in samples["b"] and samples["b"]["video_loss_mask"][:, :, :2].all()
+    _clip(source / "references" / "a.mkv")
+    with pytest.raises(ConfigError, match=r"references holds 2 files for sample 'a' \(a.mkv, a.mp4\); keep one"):
+        preprocess(_config(tmp_path, source, buckets=SMALL), progress=False)
+
+
+def test_ic_lora_skips_samples_without_a_reference_and_references_of_another_shape(tmp_path):
+    for name in ("paired", "alone", "wide"):
+        _clip(tmp_path / f"{name}.mp4")
+    _clip(tmp_path / "paired_depth.mp4", width=256, height=128)  # same aspect ratio, any size
+    _clip(tmp_path / "wide_depth.mp4", width=256, height=64)
+    source = _manifest(tmp_path / "data.jsonl", [{"media": "paired.mp4", "reference": "paired_depth.mp4"},
+                                                   {"media": "alone.mp4"},
+                                                   {"media": "wide.mp4", "reference": "wide_depth.mp4"}])
+    cfg = _config(tmp_path, source, buckets=SMALL)
+    cfg.mode = "ic-lora"
+    report = preprocess(cfg, progress=False)
+    reasons = _reasons(report)
+    assert report.samples == 1 and set(reasons) == {"alone.mp4", "wide.mp4"}
+    assert reasons["alone.mp4"] == "has no reference video, and mode ic-lora trains on pairs"
+    assert "wide_depth.mp4: is 256x64, another aspect ratio than the sample's 128x64" in reasons["wide.mp4"]

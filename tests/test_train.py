@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import trainer.train as train_module
@@ -12,6 +13,7 @@ from trainer.checkpoint import CheckpointError, list_checkpoints
 from trainer.data.cache import CacheError
 from trainer.cli import main
 from trainer.config import ConfigError, resolve
+from trainer.export import lora_metadata
 from trainer.modes import MODE_SPECS
 from trainer.train import TrainingDiverged, train
 
@@ -224,3 +226,16 @@ def test_caption_dropout_needs_the_cached_empty_prompt(tmp_path):
     cfg = resolve(_config(tmp_path, train={"caption_dropout_p": 0.3}))  # a synthetic cache has no empty prompt
     with pytest.raises(CacheError, match=r"empty_prompt.safetensors is missing \(caption dropout needs it\)"):
         train(cfg, progress=False)
+
+
+def test_ic_lora_records_its_reference_factors_and_refuses_a_cache_taken_at_others(tmp_path):
+    result = train(resolve(_config(tmp_path, mode="ic-lora", train={"steps": 1})), progress=False)
+    for path in result.exported:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        assert (metadata["reference_downscale_factor"], metadata["reference_temporal_scale_factor"]) == ("1", "1")
+    assert "reference_downscale_factor" not in lora_metadata(resolve(_config(tmp_path, mode="image-to-video")))
+    mismatched = resolve(_config(tmp_path, mode="ic-lora", data={"reference_downscale": 2}))
+    with pytest.raises(ConfigError, match=r"references in .*cache were taken at \(data.reference_downscale, "
+                                          r"data.reference_temporal_scale\) = \(1, 1\), the config says \(2, 1\)"):
+        train(mismatched, progress=False)

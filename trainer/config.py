@@ -25,6 +25,7 @@ AUDIO_MODES = tuple(mode for mode, spec in MODE_SPECS.items() if spec.audio != "
 AUTO_TARGETS = {
     "text-to-video": "video",
     "image-to-video": "video",
+    "ic-lora": "ic-lora",
     "text-to-audio-video": "audio-video",
     "audio-to-video": "audio-to-video",
     "video-to-audio": "video-to-audio",

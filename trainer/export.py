@@ -11,11 +11,13 @@ from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.lora_files import convert_lora_file, save_lora
 from trainer.models.registry import get_target
+from trainer.modes import MODE_SPECS
 
 
 def lora_metadata(cfg: RunConfig) -> dict[str, Any]:
-    """What a LoRA file records about its training, so a loader can refuse the wrong model."""
-    return {
+    """What a LoRA file records about its training, so a loader can refuse the wrong model. An IC-LoRA also records
+    the reference factors under the names the inference pipelines read (diffusers, ComfyUI, ltx-pipelines)."""
+    metadata = {
         "model_target": cfg.model.target,
         "model_version": get_target(cfg.model.target).version,
         "targets": cfg.lora_targets,
@@ -23,6 +25,10 @@ def lora_metadata(cfg: RunConfig) -> dict[str, Any]:
         "mode": cfg.mode,
         "trigger_word": cfg.trigger_word or "",
     }
+    if MODE_SPECS[cfg.mode].reference:
+        metadata["reference_downscale_factor"] = cfg.data.reference_downscale
+        metadata["reference_temporal_scale_factor"] = cfg.data.reference_temporal_scale
+    return metadata
 
 
 def export_run(cfg: RunConfig, adapter: dict[str, torch.Tensor], directory: Path) -> list[Path]:

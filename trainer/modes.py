@@ -7,7 +7,11 @@ velocity targets and loss masks of each modality. Every mode gives each stream o
   absent     one silent token and both audio-video cross attentions off (`isolate_modalities`), so the other stream
              cannot see it
 The transformer's audio-video gates receive the other stream's sigma (`use_cross_timestep=True`), 0 for a clean one.
-Image-to-video also keeps the first latent frame clean (timestep 0, no loss) with probability `first_frame_p`.
+Image-to-video (and IC-LoRA) also keep the first latent frame clean (timestep 0, no loss) with probability
+`first_frame_p`. IC-LoRA puts the clean tokens of a reference video (the condition, e.g. a depth or pose video) before
+the generated ones, at timestep 0 and without loss, at the RoPE positions of the target region they describe: the
+reference grid's own positions with height and width times `reference_downscale` and time times
+`reference_temporal_scale`, as the official recipe and its inference pipelines place them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from trainer import flow
 
 # Timesteps and sigmas enter the transformer scaled by 1000 (its `timestep_scale_multiplier`).
 TIMESTEP_SCALE = 1000.0
+# Pixels per latent cell along (time, height, width): the video VAE's compression, which RoPE positions are in.
+VIDEO_SCALE_FACTORS = (8, 32, 32)
 
 
 @dataclass(frozen=True)
@@ -28,12 +34,14 @@ class ModeSpec:
     video: str  # "generated" | "clean" | "absent"
     audio: str
     first_frame: bool = False  # image-to-video conditioning
+    reference: bool = False  # IC-LoRA: clean reference video tokens before the generated ones
 
 
 MODE_SPECS: dict[str, ModeSpec] = {
     "text-to-video": ModeSpec(video="generated", audio="absent"),
     "text-to-audio-video": ModeSpec(video="generated", audio="generated"),
     "image-to-video": ModeSpec(video="generated", audio="absent", first_frame=True),
+    "ic-lora": ModeSpec(video="generated", audio="absent", first_frame=True, reference=True),
     "audio-to-video": ModeSpec(video="generated", audio="clean"),
     "video-to-audio": ModeSpec(video="clean", audio="generated"),
     "audio-only": ModeSpec(video="absent", audio="generated"),
@@ -63,6 +71,8 @@ class StepInputs:
     audio_loss_mask: torch.Tensor | None
     video_sigma: torch.Tensor
     audio_sigma: torch.Tensor
+    # IC-LoRA: the leading video tokens that are the reference; the prediction for them carries no loss.
+    reference_tokens: int = 0
 
 
 def patchify_video(latents: torch.Tensor) -> torch.Tensor:
@@ -73,6 +83,30 @@ def patchify_video(latents: torch.Tensor) -> torch.Tensor:
 def patchify_audio(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, T, M] -> [B, T, C*M]: one token per latent time step, channels outermost."""
     return latents.permute(0, 2, 1, 3).flatten(2)
+
+
+def video_coords(batch: int, frames: int, height: int, width: int, fps: float,
+                 device: torch.device) -> torch.Tensor:
+    """RoPE bounds [B, 3, F*H*W, 2] of each video token, [start, end) per axis: time in seconds, height and width in
+    pixels. The first latent frame holds one pixel frame (the VAE is causal), so latent frame k covers pixel frames
+    [8k - 7, 8k + 1), clamped at 0. The transformer computes the same when it is not given coordinates."""
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=device)
+                                        for n in (frames, height, width)), indexing="ij")).flatten(1)  # [3, N]
+    scale = torch.tensor(VIDEO_SCALE_FACTORS, dtype=torch.float32, device=device)[:, None, None]
+    pixels = torch.stack([grid, grid + 1], dim=-1) * scale  # [3, N, 2]
+    pixels[0] = (pixels[0] + 1 - VIDEO_SCALE_FACTORS[0]).clamp(min=0) / fps
+    return pixels.unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def reference_coords(batch: int, frames: int, height: int, width: int, fps: float, downscale: int,
+                     temporal_scale: int, device: torch.device) -> torch.Tensor:
+    """An IC-LoRA reference's RoPE bounds: its own grid's, stretched onto the target's. A reference taken at 1/d of
+    the size and every k-th frame sits where the target region it describes is (height and width times d, time
+    times k)."""
+    coords = video_coords(batch, frames, height, width, fps, device).clone()
+    coords[:, 0] *= temporal_scale
+    coords[:, 1:] *= downscale
+    return coords
 
 
 @dataclass
@@ -135,14 +169,31 @@ def build_step_inputs(batch: dict[str, Any], mode: str, generator: torch.Generat
     if spec.video == "absent":
         frames = height = width = 1
 
+    reference_tokens = 0
+    video_hidden, video_timestep, coords = video.xt, video.timestep, None
+    if spec.reference:
+        if batch.get("reference_latents") is None:
+            raise ValueError(f"mode {mode!r} needs reference_latents in every batch: preprocess samples with a "
+                             f"reference video")
+        reference = batch["reference_latents"]
+        ref_x0 = patchify_video(reference).to(video.xt.dtype)
+        reference_tokens = ref_x0.shape[1]
+        video_hidden = torch.cat([ref_x0, video.xt], dim=1)
+        video_timestep = torch.cat([torch.zeros(b, reference_tokens, device=device), video.timestep], dim=1)
+        coords = torch.cat([
+            reference_coords(b, *reference.shape[2:], batch["fps"], batch["reference_downscale"],
+                             batch["reference_temporal_scale"], device),
+            video_coords(b, frames, height, width, batch["fps"], device),
+        ], dim=2)
+
     model_kwargs = {
-        "hidden_states": video.xt,
+        "hidden_states": video_hidden,
         "audio_hidden_states": audio.xt,
         "encoder_hidden_states": batch["video_text_embeds"],
         "audio_encoder_hidden_states": batch["audio_text_embeds"],
         "encoder_attention_mask": batch["text_mask"],
         "audio_encoder_attention_mask": batch["text_mask"],
-        "timestep": video.timestep * TIMESTEP_SCALE,
+        "timestep": video_timestep * TIMESTEP_SCALE,
         "audio_timestep": audio.timestep * TIMESTEP_SCALE,
         "sigma": video.sigma * TIMESTEP_SCALE,
         "audio_sigma": audio.sigma * TIMESTEP_SCALE,
@@ -151,12 +202,13 @@ def build_step_inputs(batch: dict[str, Any], mode: str, generator: torch.Generat
         "width": width,
         "fps": batch["fps"],
         "audio_num_frames": audio.xt.shape[1],
+        "video_coords": coords,
         "isolate_modalities": "absent" in (spec.video, spec.audio),
         "use_cross_timestep": True,
         "return_dict": False,
     }
     return StepInputs(model_kwargs, video.target, video.loss_mask, audio.target, audio.loss_mask, video.sigma,
-                      audio.sigma)
+                      audio.sigma, reference_tokens)
 
 
 def compute_loss(model: torch.nn.Module, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -166,7 +218,8 @@ def compute_loss(model: torch.nn.Module, inputs: StepInputs) -> tuple[torch.Tens
     video_pred, audio_pred = model(**inputs.model_kwargs)
     losses = {}
     if inputs.video_target is not None:
-        losses["video_loss"] = flow.masked_mse(video_pred, inputs.video_target, inputs.video_loss_mask)
+        generated = video_pred[:, inputs.reference_tokens:]
+        losses["video_loss"] = flow.masked_mse(generated, inputs.video_target, inputs.video_loss_mask)
     if inputs.audio_target is not None:
         losses["audio_loss"] = flow.masked_mse(audio_pred, inputs.audio_target, inputs.audio_loss_mask)
     return sum(losses.values()), {name: value.detach() for name, value in losses.items()}

@@ -46,7 +46,7 @@ from trainer.lora import (
 )
 from trainer.export import export_run
 from trainer.models.registry import ModelTarget, build_transformer, check_checkpoint, get_target
-from trainer.modes import build_step_inputs, compute_loss, isolated_groups
+from trainer.modes import MODE_SPECS, build_step_inputs, compute_loss, isolated_groups
 
 logger = logging.getLogger("ltx_lora")
 
@@ -100,13 +100,24 @@ def open_dataset(cfg: RunConfig, target: ModelTarget, accelerator: Accelerator) 
             seed=synthetic.seed,
         )
     accelerator.wait_for_everyone()
-    return LatentCache(
+    dataset = LatentCache(
         cfg.data.cache_dir,
         model_version=target.version,
         video_text_dim=target.video_text_dim,
         audio_text_dim=target.audio_text_dim,
         require_audio=cfg.mode in AUDIO_MODES,
+        require_reference=MODE_SPECS[cfg.mode].reference,
     )
+    if MODE_SPECS[cfg.mode].reference:
+        # The exported LoRA records the factors from the config (trainer/export.py): they must be the cache's.
+        wanted = (cfg.data.reference_downscale, cfg.data.reference_temporal_scale)
+        if dataset.reference_factors() != wanted:
+            raise ConfigError(
+                f"the references in {cfg.data.cache_dir} were taken at (data.reference_downscale, "
+                f"data.reference_temporal_scale) = {dataset.reference_factors()}, the config says {wanted}: set "
+                f"them to the cache's, or re-run preprocessing with the config's"
+            )
+    return dataset
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -44,12 +44,21 @@ class BatchPlan:
             epoch += 1
 
 
+# Numbers that hold for a whole batch: the RoPE time axis takes one fps, and reference positions one pair of factors.
+BATCH_SCALARS = ("fps", "reference_downscale", "reference_temporal_scale")
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stacks same-shape samples; `fps` is one number per batch since the RoPE time axis takes a scalar."""
-    fps = {s["fps"] for s in samples}
-    if len(fps) != 1:
-        raise ValueError(f"a batch mixes frame rates {sorted(fps)}; batches are grouped by shape and fps")
-    batch: dict[str, Any] = {"fps": fps.pop(), "name": [s["name"] for s in samples]}
+    """Stacks same-shape samples; the BATCH_SCALARS are one number per batch (batches are grouped by them)."""
+    batch: dict[str, Any] = {"name": [s["name"] for s in samples]}
+    for key in BATCH_SCALARS:
+        values = {s.get(key) for s in samples}
+        if len(values) != 1:
+            raise ValueError(f"a batch mixes {key} values {sorted(values, key=str)}; batches are grouped by shape, "
+                             f"fps and reference factors")
+        value = values.pop()
+        if value is not None:
+            batch[key] = value
     for key, value in samples[0].items():
         if isinstance(value, torch.Tensor):
             batch[key] = torch.stack([s[key] for s in samples])

@@ -229,7 +229,7 @@ class LatentCache(Dataset):
     """A latent cache opened for training: every sample's header is checked here, before the first step."""
 
     def __init__(self, cache_dir: str | Path, model_version: str, video_text_dim: int, audio_text_dim: int,
-                 require_audio: bool):
+                 require_audio: bool, require_reference: bool = False):
         self.cache_dir = Path(cache_dir)
         self.model_version, self.video_text_dim, self.audio_text_dim = model_version, video_text_dim, audio_text_dim
         manifest = self._read_manifest(model_version)
@@ -247,6 +247,27 @@ class LatentCache(Dataset):
             if actual != entry:
                 raise CacheError(f"{self.cache_dir / MANIFEST} does not match {path.name} (changed after the manifest "
                                  f"was written): re-run preprocessing")
+        if require_reference:
+            self._check_references()
+
+    def _check_references(self) -> None:
+        """IC-LoRA: every sample has a reference, all taken at the same factors (the LoRA records one pair)."""
+        missing = [Path(entry["file"]).stem for entry in self.entries if entry["reference_shape"] is None]
+        if missing:
+            raise CacheError(f"mode ic-lora needs a reference video for every sample, but {len(missing)} of "
+                             f"{len(self.entries)} in {self.cache_dir} have none (e.g. {', '.join(missing[:3])}): give "
+                             f"each sample a reference (manifest column `reference`, or a `references/` folder beside "
+                             f"a folder dataset) and re-run preprocessing")
+        factors = {(entry["reference_downscale"], entry["reference_temporal_scale"]) for entry in self.entries}
+        if len(factors) > 1:
+            raise CacheError(f"{self.cache_dir}: references were taken at different (reference_downscale, "
+                             f"reference_temporal_scale) factors {sorted(factors)}; a LoRA is trained at one pair: "
+                             f"re-run preprocessing")
+
+    def reference_factors(self) -> tuple[int, int]:
+        """(downscale, temporal scale) of the references of a cache opened with `require_reference` (one pair)."""
+        first = self.entries[0]
+        return first["reference_downscale"], first["reference_temporal_scale"]
 
     def _read_manifest(self, model_version: str) -> dict[str, Any]:
         if not self.cache_dir.is_dir():
@@ -284,6 +305,9 @@ class LatentCache(Dataset):
                 if key in stored:
                     tensor = f.get_tensor(key)
                     sample[key] = tensor.long() if key == "text_mask" else tensor.float()
+        if entry["reference_shape"] is not None:
+            sample["reference_downscale"] = entry["reference_downscale"]
+            sample["reference_temporal_scale"] = entry["reference_temporal_scale"]
         return sample
 
     def shape_key(self, index: int) -> tuple:

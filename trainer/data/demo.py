@@ -4,7 +4,8 @@ Each clip is a coloured square sliding across a plain background, as H.264 + AAC
 pitch follows the square's horizontal position (two octaves from the left edge to the right), panned with it, and
 whose loudness pulses when the square bounces off an edge. Captions say the same in plain words ("a red square slides
 slowly to the right ..., its tone rising"), so caption, picture and sound carry one shared, learnable story. A few
-still images with captions exercise the image path.
+still images with captions exercise the image path. Every sample has an IC-LoRA reference in `references/` (same
+name): its mask, the shape in white on black, silent, as a segmentation control video would be.
 
 The audio is stereo at 44.1 kHz, so preprocessing's resampling to 16 kHz runs as on real data. Content is a pure
 function of the seed (container bytes may differ between encoder builds). Every file is written under a temporary
@@ -33,6 +34,9 @@ PITCH_OCTAVES = 2.0
 BASE_LOUDNESS = 0.25
 BOUNCE_LOUDNESS = 0.5  # added at a bounce, decaying with BOUNCE_DECAY_S
 BOUNCE_DECAY_S = 0.06
+REFERENCES = "references"
+# The references: the shape in white on black.
+CONTROL_BACKGROUND, CONTROL_SHAPE = (0, 0, 0), (255, 255, 255)
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
@@ -60,11 +64,12 @@ def write_demo_dataset(
     if marker.is_file():
         listed = json.loads(marker.read_text())
         media = [root / entry["file"] for entry in listed["clips"] + listed["images"]]
-        if all(path.is_file() and path.with_suffix(".txt").is_file() for path in media):
+        if all(path.is_file() and path.with_suffix(".txt").is_file() and (root / REFERENCES / path.name).is_file()
+               for path in media):
             return media
     if width % 2 or height % 2:
         raise ValueError(f"demo clips are H.264 in yuv420p, which needs an even width and height, not {width}x{height}")
-    root.mkdir(parents=True, exist_ok=True)
+    (root / REFERENCES).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     colours = [str(name) for name in rng.permutation(list(COLOURS))]
     clips = []
@@ -72,6 +77,7 @@ def write_demo_dataset(
         clip = _plan_clip(index, rng, colours[index % len(colours)], frames / fps)
         clip["file"] = f"clip_{index:03d}.mp4"
         _write_clip(root / clip["file"], clip, width, height, frames, fps)
+        _write_clip(root / REFERENCES / clip["file"], clip, width, height, frames, fps, control=True)
         _write_caption(root / clip["file"], clip["caption"])
         clips.append(clip)
     images = []
@@ -79,6 +85,7 @@ def write_demo_dataset(
         image = _plan_image(index, rng, colours[(num_clips + index) % len(colours)])
         image["file"] = f"image_{index:03d}.png"
         _write_image(root / image["file"], image, width, height)
+        _write_image(root / REFERENCES / image["file"], image, width, height, control=True)
         _write_caption(root / image["file"], image["caption"])
         images.append(image)
     listing = {"seed": seed, "width": width, "height": height, "frames": frames, "fps": fps,
@@ -157,19 +164,19 @@ def _square_side(width: int, height: int) -> int:
     return min(width, height) // 4
 
 
-def _draw(width: int, height: int, background: str, colour: str, x: float, y: float, shape: str = "square"):
+def _draw(width: int, height: int, background: tuple, colour: tuple, x: float, y: float, shape: str = "square"):
     """RGB uint8 [height, width, 3]: the shape's box placed at (x, y) in [0, 1] of the free room on each axis."""
     side = _square_side(width, height)
     picture = np.empty((height, width, 3), np.uint8)
-    picture[:] = BACKGROUNDS[background]
+    picture[:] = background
     left, top = round(x * (width - side)), round(y * (height - side))
     box = picture[top : top + side, left : left + side]
     if shape == "circle":
         centre = (side - 1) / 2
         rows, cols = np.ogrid[:side, :side]
-        box[(rows - centre) ** 2 + (cols - centre) ** 2 <= (side / 2) ** 2] = COLOURS[colour]
+        box[(rows - centre) ** 2 + (cols - centre) ** 2 <= (side / 2) ** 2] = colour
     else:
-        box[:] = COLOURS[colour]
+        box[:] = colour
     return picture
 
 
@@ -187,8 +194,17 @@ def _soundtrack(clip: dict, duration: float) -> np.ndarray:
     return np.stack([np.cos(pan), np.sin(pan)]).astype(np.float32) * (loudness * tone).astype(np.float32)
 
 
-def _write_clip(path: Path, clip: dict, width: int, height: int, frames: int, fps: float) -> None:
+def _colours(sample: dict, control: bool) -> tuple[tuple, tuple]:
+    """(background, shape) RGB: the sample's, or the reference's white on black."""
+    if control:
+        return CONTROL_BACKGROUND, CONTROL_SHAPE
+    return BACKGROUNDS[sample["background"]], COLOURS[sample["colour"]]
+
+
+def _write_clip(path: Path, clip: dict, width: int, height: int, frames: int, fps: float, control: bool = False) -> None:
+    """The clip as H.264 + AAC mp4, or its silent reference (`control`)."""
     rate = Fraction(fps).limit_denominator(1001)
+    background, colour = _colours(clip, control)
     duration = frames / fps
     times = np.arange(frames) / fps
     xs = _square_position(clip["x0"], clip["velocity"], times)
@@ -199,15 +215,18 @@ def _write_clip(path: Path, clip: dict, width: int, height: int, frames: int, fp
             video.width, video.height, video.pix_fmt = width, height, "yuv420p"
             # Lossless: whatever x264 decides from run to run, the decoded pixels are the drawn ones.
             video.options = {"crf": "0", "preset": "ultrafast"}
-            audio = container.add_stream("aac", rate=SAMPLE_RATE, layout="stereo")
-            audio.bit_rate = AUDIO_BIT_RATE
+            if not control:  # every stream is added before the first packet is written
+                audio = container.add_stream("aac", rate=SAMPLE_RATE, layout="stereo")
+                audio.bit_rate = AUDIO_BIT_RATE
             for index, x in enumerate(xs):
                 frame = av.VideoFrame.from_ndarray(
-                    _draw(width, height, clip["background"], clip["colour"], float(x), clip["y"]), format="rgb24"
+                    _draw(width, height, background, colour, float(x), clip["y"]), format="rgb24"
                 )
                 frame.pts, frame.time_base = index, 1 / rate
                 container.mux(video.encode(frame))
             container.mux(video.encode())
+            if control:
+                return
             sound = av.AudioFrame.from_ndarray(_soundtrack(clip, duration), format="fltp", layout="stereo")
             sound.sample_rate, sound.pts, sound.time_base = SAMPLE_RATE, 0, Fraction(1, SAMPLE_RATE)
             container.mux(audio.encode(sound))
@@ -216,8 +235,8 @@ def _write_clip(path: Path, clip: dict, width: int, height: int, frames: int, fp
     write_atomic(path, write)
 
 
-def _write_image(path: Path, image: dict, width: int, height: int) -> None:
-    picture = _draw(width, height, image["background"], image["colour"], image["x"], image["y"], image["shape"])
+def _write_image(path: Path, image: dict, width: int, height: int, control: bool = False) -> None:
+    picture = _draw(width, height, *_colours(image, control), image["x"], image["y"], image["shape"])
     write_atomic(path, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
 
 

@@ -13,8 +13,10 @@ Under `accelerate launch` each process encodes its share; the main process write
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import logging
+import math
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +41,12 @@ from trainer.models.components import (
     load_components,
 )
 from trainer.models.registry import get_target
+from trainer.modes import MODE_SPECS
 
 logger = logging.getLogger("ltx_lora")
 REPORT = "preprocess_report.json"
+# How far (log of the ratio) a reference's aspect ratio may be from its sample's: about 2%, rounding of even sizes.
+ASPECT_TOLERANCE = 0.02
 
 
 @dataclass
@@ -96,7 +101,9 @@ def discover(source: Path, report: Report) -> list[Item]:
         raise ConfigError(f"data source {str(source)!r} does not exist; give a media folder or a CSV/JSONL manifest")
     if source.is_dir():
         suffixes = media.VIDEO_SUFFIXES + media.IMAGE_SUFFIXES
-        items = [Item(p.stem, p) for p in sorted(source.iterdir()) if p.suffix.lower() in suffixes]
+        items = [Item(p.stem, p, reference=_beside(source / "references", p.stem, suffixes),
+                      mask=_beside(source / "masks", p.stem, suffixes))
+                 for p in sorted(source.iterdir()) if p.suffix.lower() in suffixes]
     elif source.suffix.lower() in (".csv", ".jsonl"):
         items = _read_manifest(source)
     else:
@@ -106,6 +113,18 @@ def discover(source: Path, report: Report) -> list[Item]:
         if names[item.name] > 1:
             report.skip(item.media, f"another file is also named {item.name!r}; sample names must be unique")
     return [item for item in items if names[item.name] == 1]
+
+
+def _beside(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
+    """A folder dataset's reference or mask for the sample `stem`: the same-stem media file in `references/` or
+    `masks/`, if there is one."""
+    if not folder.is_dir():
+        return None
+    found = sorted(p for p in folder.glob(f"{glob.escape(stem)}.*") if p.suffix.lower() in suffixes)
+    if len(found) > 1:
+        raise ConfigError(f"{folder} holds {len(found)} files for sample {stem!r} ({', '.join(p.name for p in found)}); "
+                          f"keep one")
+    return found[0] if found else None
 
 
 def _read_manifest(path: Path) -> list[Item]:
@@ -173,6 +192,7 @@ def plan(cfg: RunConfig, source: Path, report: Report) -> list[Planned]:
     buckets = (media.auto_buckets(cfg.data.fps, cfg.data.max_pixels, cfg.data.max_frames)
                if cfg.data.buckets == "auto" else [media.parse_bucket(b) for b in cfg.data.buckets])
     needs_audio = cfg.mode in AUDIO_MODES
+    needs_reference = MODE_SPECS[cfg.mode].reference
     identity = components_identity(cfg)
     planned = []
     for item in discover(source, report):
@@ -183,11 +203,17 @@ def plan(cfg: RunConfig, source: Path, report: Report) -> list[Planned]:
             bucket = media.choose_bucket(info, buckets, cfg.data.fps)
             caption = item.caption if item.caption is not None else media.read_caption(item.media)
             reference = reference_bucket = mask = None
+            if needs_reference and not item.reference:
+                raise media.MediaError(f"{item.media}: has no reference video, and mode {cfg.mode} trains on pairs")
             if item.reference:
                 reference = _probe_as("reference", item.reference)
                 if reference.kind != info.kind:
                     raise media.MediaError(f"reference {item.reference}: {reference.kind} reference for a {info.kind} "
                                            f"sample; both must be videos or both images")
+                if abs(math.log(reference.width * info.height / (reference.height * info.width))) > ASPECT_TOLERANCE:
+                    raise media.MediaError(f"reference {item.reference}: is {reference.width}x{reference.height}, "
+                                           f"another aspect ratio than the sample's {info.width}x{info.height}; "
+                                           f"cropped alike they would not show the same region")
                 reference_bucket = _reference_bucket(bucket, cfg.data.reference_downscale,
                                                      cfg.data.reference_temporal_scale)
             if item.mask:

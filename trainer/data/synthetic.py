@@ -5,6 +5,8 @@ latent grid over frames, with per-sample mixing coefficients and a per-sample sp
 encode the coefficients and the speed, and the audio is what the waves show at one fixed point of the grid, sampled
 at the audio rate (the soundtrack follows the motion). So the data lies on a low-dimensional set that a LoRA on a
 random tiny transformer visibly learns within a hundred steps, and caption and audio carry real information.
+Every sample also has an IC-LoRA reference at full size: the travelling wave alone, through its own channel loading
+(a control video showing where the pattern is in each frame).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def write_synthetic_cache(
     phase = torch.tensor([0.0, 2 * math.pi * float(torch.rand(1, generator=g))], dtype=torch.float64)
     video_loading = torch.randn(k, channels, generator=g, dtype=torch.float64)
     audio_loading = torch.randn(k, audio_width, generator=g, dtype=torch.float64)
+    reference_loading = torch.randn(channels, generator=g, dtype=torch.float64)
     video_text_proj = torch.randn(k + 1, text_len, target.video_text_dim, generator=g, dtype=torch.float64)
     audio_text_proj = torch.randn(k + 1, text_len, target.audio_text_dim, generator=g, dtype=torch.float64)
 
@@ -89,6 +92,7 @@ def write_synthetic_cache(
             "video_text_embeds": (video_text / video_text[:real_tokens].std()).float(),
             "audio_text_embeds": (audio_text / audio_text[:real_tokens].std()).float(),
             "text_mask": text_mask,
+            "reference_latents": _normalised(torch.einsum("c,fhw->cfhw", reference_loading, waves[1])).float(),
         }
         if audio_tokens is not None:
             # The waves at latent position (0, 0) as they move past it, at the audio rate.
@@ -105,6 +109,8 @@ def write_synthetic_cache(
             "num_frames": (latent_frames - 1) * FRAMES_PER_LATENT_FRAME + 1,
             "height": latent_height * 32,
             "width": latent_width * 32,
+            "reference_downscale": 1,
+            "reference_temporal_scale": 1,
         })
     return write_manifest(cache_dir, target.version)
 
