@@ -1,8 +1,8 @@
 """Benchmark: preprocessing throughput (clips/s and seconds of video per second), and decoding alone as the baseline.
 
 Writes N clips with sound (H.264 + AAC, `--frames` frames at `--size` WxH, 24 fps), then measures, on the same clips:
-  decode         media.probe + read_frames + read_audio + log_mel per clip, one after another (the CPU's share)
-  encode         the VAEs alone on already decoded clips (the GPU's share)
+  decode         media.probe + decode_frames + read_audio + log_mel per clip, one after another (the CPU's share)
+  encode         pixels to [-1, 1] on the device, then the VAEs, on already decoded clips (the GPU's share)
   preprocess/N   the whole `ltx-lora preprocess` path into an empty cache, N decode threads (data.decode_threads)
 Decoding is not the bottleneck when preprocess/N approaches encode.
 Components: `--vaes tiny` uses the tiny random VAEs (CPU runs); `--vaes full` builds full-size video and audio VAEs
@@ -11,6 +11,8 @@ The text path is the tiny one in both cases: each caption is encoded once, so it
 
     python scripts/bench_preprocess.py --vaes tiny --clips 4 --frames 25 --size 192x128          # CPU
     python scripts/bench_preprocess.py --vaes full --clips 8 --frames 121 --size 768x512          # GPU
+    python scripts/bench_preprocess.py --vaes full --clips 8 --frames 121 --size 768x512 --source 1280x720
+                                                        # sources larger than the bucket: resized while decoding
 """
 
 from __future__ import annotations
@@ -93,17 +95,20 @@ def main() -> None:
     parser.add_argument("--vaes", choices=["tiny", "full"], default="tiny")
     parser.add_argument("--clips", type=int, default=4)
     parser.add_argument("--frames", type=int, default=25)
-    parser.add_argument("--size", default="192x128", help="WxH of the clips and the bucket")
+    parser.add_argument("--size", default="192x128", help="WxH of the bucket")
+    parser.add_argument("--source", default=None, help="WxH of the clips (default: the bucket's)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", default="2", help="decode thread counts to time, e.g. 1,2,4")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
+    source_width, source_height = (int(v) for v in (args.source or args.size).split("x"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
     (work / "clips").mkdir()
     started = time.perf_counter()
-    write_clips(work / "clips", args.clips, args.frames, width, height)
-    print(f"wrote {args.clips} clips of {args.frames} frames at {width}x{height} in {time.perf_counter() - started:.1f} s")
+    write_clips(work / "clips", args.clips, args.frames, source_width, source_height)
+    print(f"wrote {args.clips} clips of {args.frames} frames at {source_width}x{source_height} in "
+          f"{time.perf_counter() - started:.1f} s")
 
     bucket = f"{width}x{height}x{args.frames}"
     built = components(args.vaes, device)
@@ -126,12 +131,12 @@ def main() -> None:
         def decode():
             for path in sorted((work / "clips").glob("*.mp4")):
                 info = media.probe(path)
-                frames = media.read_frames(info, media.parse_bucket(bucket), 24.0)
+                frames = media.decode_frames(info, media.parse_bucket(bucket), 24.0)
                 decoded.append((frames, media.log_mel(media.read_audio(path, 0.0, args.frames / 24.0))))
 
         def encode():
             for frames, mel in decoded:
-                encode_video(built.video_vae, frames)
+                encode_video(built.video_vae, media.to_model_range(frames, device))
                 encode_audio(built.audio_vae, mel)
 
         round_times = {"decode": timed(decode), "encode": timed(encode)}
@@ -149,8 +154,8 @@ def main() -> None:
     shutil.rmtree(work)
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"card: {card}, torch {torch.__version__}, VAEs {args.vaes}, {args.clips} clips x {bucket} at 24 fps, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(f"card: {card}, torch {torch.__version__}, VAEs {args.vaes}, {args.clips} clips of "
+          f"{source_width}x{source_height} into {bucket} at 24 fps, {torch.get_num_threads()} CPU threads")
     print("what          median s   clips/s   video s/s   (runs)")
     for name, runs in times.items():
         median = statistics.median(runs)

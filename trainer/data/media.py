@@ -16,7 +16,6 @@ import av
 import decord
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchaudio
 from PIL import Image, ImageOps
 
@@ -28,7 +27,7 @@ VFR_RATIO = 1.5  # longest over shortest frame interval above which a clip count
 MAX_ASPECT_CHANGE = 2.0  # cropping to a bucket whose aspect differs more would lose over half the picture
 AUTO_ASPECTS = ((1, 1), (4, 3), (3, 2), (16, 9))  # landscape; auto buckets add each one's portrait twin
 AUTO_LATENT_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # k of F = 8k+1: roughly doubling clip lengths
-_CHUNK = 8  # frames decoded and resized at a time, so long full-HD clips stay within memory
+_CHUNK = 8  # frames decoded at a time, so a long full-HD source never sits in memory whole
 
 # Container signatures: a file that starts like a video container but cannot be opened is damaged, not foreign.
 _CONTAINER_MAGIC = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (0, b"RIFF"))
@@ -250,42 +249,58 @@ def _largest_size(aspect: float, max_pixels: int) -> tuple[int, int]:
 
 
 def read_frames(info: MediaInfo, bucket: Bucket, target_fps: float, start: float = 0.0) -> torch.Tensor:
-    """[3, F, H, W] float32 in [-1, 1]: frame i is the source frame nearest to time start + i / target_fps, resized
-    to cover the bucket and centre-cropped."""
+    """[3, F, H, W] float32 in [-1, 1]: `decode_frames` brought to the model's range."""
+    return to_model_range(decode_frames(info, bucket, target_fps, start))
+
+
+def decode_frames(info: MediaInfo, bucket: Bucket, target_fps: float, start: float = 0.0) -> torch.Tensor:
+    """[F, H, W, 3] uint8: frame i is the source frame nearest to time start + i / target_fps, resized to cover the
+    bucket and centre-cropped.
+
+    Frames stay uint8 and are resized by the decoder (FFmpeg's scaler for clips, Pillow for images): converting to
+    float here cost more CPU time than decoding, so that happens on the encoding device (`to_model_range`)."""
     if info.kind == "image":
         if bucket.frames != 1:
             raise MediaError(f"{info.path}: an image fills only single-frame buckets, not {bucket}")
-        pixels = torch.from_numpy(np.array(_open_image(info.path)))[None]
-        return _cover_and_crop(pixels, bucket).permute(1, 0, 2, 3)
+        image = _open_image(info.path)
+        size = _cover_size(image.width, image.height, bucket)
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        return _centre_crop(torch.from_numpy(np.array(image))[None], bucket)
     if not _fits(info, bucket.frames, target_fps, start):
         raise MediaError(f"{info.path}: too short for bucket {bucket} at {target_fps:g} fps from {start:g} s "
                          f"({info.num_frames} frames at {info.fps:g} fps)")
+    width, height = _cover_size(info.width, info.height, bucket)
     try:
-        reader = decord.VideoReader(str(info.path))
+        # One decoder thread per clip: preprocessing decodes several clips at once (data.decode_threads).
+        reader = decord.VideoReader(str(info.path), width=width, height=height, num_threads=1)
         timestamps = reader.get_frame_timestamp(range(len(reader)))[:, 0]
         wanted = start + np.arange(bucket.frames) / target_fps
         indices = np.abs(timestamps[None, :] - wanted[:, None]).argmin(axis=1).tolist()
-        out = torch.empty(3, bucket.frames, bucket.height, bucket.width)
+        out = torch.empty(bucket.frames, bucket.height, bucket.width, 3, dtype=torch.uint8)
         for at in range(0, bucket.frames, _CHUNK):
-            pixels = torch.from_numpy(reader.get_batch(indices[at:at + _CHUNK]).asnumpy())
-            out[:, at:at + _CHUNK] = _cover_and_crop(pixels, bucket).permute(1, 0, 2, 3)
+            out[at:at + _CHUNK] = _centre_crop(torch.from_numpy(reader.get_batch(indices[at:at + _CHUNK]).asnumpy()),
+                                               bucket)
     except (decord.DECORDError, RuntimeError) as e:
         raise MediaError(f"{info.path}: cannot decode frames ({_decord_reason(e)})") from None
     return out
 
 
-def _cover_and_crop(pixels: torch.Tensor, bucket: Bucket) -> torch.Tensor:
-    """[N, h, w, 3] uint8 to [N, 3, H, W] in [-1, 1]: scaled by the larger ratio so it covers the bucket (no
-    borders), then the centre cut out."""
-    frames = pixels.permute(0, 3, 1, 2).float()
-    height, width = frames.shape[-2:]
+def to_model_range(frames: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[F, H, W, 3] uint8 -> [3, F, H, W] float32 in [-1, 1] on `device`."""
+    return frames.to(device, non_blocking=True).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def _cover_size(width: int, height: int, bucket: Bucket) -> tuple[int, int]:
+    """(width, height) scaled by the larger ratio, so the frame covers the bucket with no border."""
     scale = max(bucket.width / width, bucket.height / height)
-    new_h, new_w = max(bucket.height, round(height * scale)), max(bucket.width, round(width * scale))
-    if (new_h, new_w) != (height, width):
-        frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (new_h - bucket.height) // 2, (new_w - bucket.width) // 2
-    frames = frames[:, :, top:top + bucket.height, left:left + bucket.width]
-    return (frames / 127.5 - 1.0).clamp_(-1.0, 1.0)  # resampling weights sum to 1 only up to rounding
+    return max(bucket.width, round(width * scale)), max(bucket.height, round(height * scale))
+
+
+def _centre_crop(pixels: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+    """[N, h, w, 3] covering the bucket -> its centre [N, H, W, 3]."""
+    top, left = (pixels.shape[1] - bucket.height) // 2, (pixels.shape[2] - bucket.width) // 2
+    return pixels[:, top:top + bucket.height, left:left + bucket.width]
 
 
 def read_audio(path, start: float, duration: float) -> torch.Tensor:

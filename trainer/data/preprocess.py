@@ -188,43 +188,52 @@ def _cached_fingerprint(path: Path) -> str | None:
 
 
 def plan(cfg: RunConfig, source: Path, report: Report) -> list[Planned]:
-    """The first pass: probe, bucket, caption and fingerprint every sample; report and drop what cannot be used."""
+    """The first pass: probe, bucket, caption and fingerprint every sample; report and drop what cannot be used.
+    Files are probed on `data.decode_threads` threads (probing is I/O and FFmpeg, which release the GIL)."""
     buckets = (media.auto_buckets(cfg.data.fps, cfg.data.max_pixels, cfg.data.max_frames)
                if cfg.data.buckets == "auto" else [media.parse_bucket(b) for b in cfg.data.buckets])
-    needs_audio = cfg.mode in AUDIO_MODES
-    needs_reference = MODE_SPECS[cfg.mode].reference
     identity = components_identity(cfg)
+    items = discover(source, report)
+    with ThreadPoolExecutor(cfg.data.decode_threads) as pool:
+        outcomes = list(pool.map(lambda item: _plan_sample(cfg, item, buckets, identity), items))
     planned = []
-    for item in discover(source, report):
-        try:
-            info = media.probe(item.media)
-            if needs_audio and item.audio is None and not info.has_audio:
-                raise media.MediaError(f"{item.media}: has no audio stream, and mode {cfg.mode} trains audio")
-            bucket = media.choose_bucket(info, buckets, cfg.data.fps)
-            caption = item.caption if item.caption is not None else media.read_caption(item.media)
-            reference = reference_bucket = mask = None
-            if needs_reference and not item.reference:
-                raise media.MediaError(f"{item.media}: has no reference video, and mode {cfg.mode} trains on pairs")
-            if item.reference:
-                reference = _probe_as("reference", item.reference)
-                if reference.kind != info.kind:
-                    raise media.MediaError(f"reference {item.reference}: {reference.kind} reference for a {info.kind} "
-                                           f"sample; both must be videos or both images")
-                if abs(math.log(reference.width * info.height / (reference.height * info.width))) > ASPECT_TOLERANCE:
-                    raise media.MediaError(f"reference {item.reference}: is {reference.width}x{reference.height}, "
-                                           f"another aspect ratio than the sample's {info.width}x{info.height}; "
-                                           f"cropped alike they would not show the same region")
-                reference_bucket = _reference_bucket(bucket, cfg.data.reference_downscale,
-                                                     cfg.data.reference_temporal_scale)
-            if item.mask:
-                mask = _probe_as("mask", item.mask)
-        except media.MediaError as exc:
-            report.skip(item.media, str(exc).removeprefix(f"{item.media}: "))
-            continue
-        caption = _with_trigger(caption, cfg.trigger_word)
-        planned.append(Planned(item, info, bucket, caption, _fingerprint(cfg, identity, item, bucket, caption),
-                               reference, reference_bucket, mask))
+    for item, outcome in zip(items, outcomes):
+        if isinstance(outcome, media.MediaError):
+            report.skip(item.media, str(outcome).removeprefix(f"{item.media}: "))
+        else:
+            planned.append(outcome)
     return planned
+
+
+def _plan_sample(cfg: RunConfig, item: Item, buckets: list[media.Bucket], identity: str) -> Planned | media.MediaError:
+    """One sample's plan, or the reason it cannot be used."""
+    try:
+        info = media.probe(item.media)
+        if cfg.mode in AUDIO_MODES and item.audio is None and not info.has_audio:
+            raise media.MediaError(f"{item.media}: has no audio stream, and mode {cfg.mode} trains audio")
+        bucket = media.choose_bucket(info, buckets, cfg.data.fps)
+        caption = item.caption if item.caption is not None else media.read_caption(item.media)
+        reference = reference_bucket = mask = None
+        if MODE_SPECS[cfg.mode].reference and not item.reference:
+            raise media.MediaError(f"{item.media}: has no reference video, and mode {cfg.mode} trains on pairs")
+        if item.reference:
+            reference = _probe_as("reference", item.reference)
+            if reference.kind != info.kind:
+                raise media.MediaError(f"reference {item.reference}: {reference.kind} reference for a {info.kind} "
+                                       f"sample; both must be videos or both images")
+            if abs(math.log(reference.width * info.height / (reference.height * info.width))) > ASPECT_TOLERANCE:
+                raise media.MediaError(f"reference {item.reference}: is {reference.width}x{reference.height}, "
+                                       f"another aspect ratio than the sample's {info.width}x{info.height}; "
+                                       f"cropped alike they would not show the same region")
+            reference_bucket = _reference_bucket(bucket, cfg.data.reference_downscale,
+                                                 cfg.data.reference_temporal_scale)
+        if item.mask:
+            mask = _probe_as("mask", item.mask)
+    except media.MediaError as exc:
+        return exc
+    caption = _with_trigger(caption, cfg.trigger_word)
+    return Planned(item, info, bucket, caption, _fingerprint(cfg, identity, item, bucket, caption), reference,
+                   reference_bucket, mask)
 
 
 def _probe_as(role: str, path: Path) -> media.MediaInfo:
@@ -250,7 +259,7 @@ def _reference_bucket(bucket: media.Bucket, downscale: int, temporal_scale: int)
 
 @dataclass
 class Decoded:
-    """One sample's pixels and sound, ready for the encoders."""
+    """One sample's pixels (uint8 [F, H, W, 3], see media.decode_frames) and sound, ready for the encoders."""
 
     frames: torch.Tensor
     loss_mask: torch.Tensor | None = None
@@ -262,12 +271,12 @@ def _decode_sample(p: Planned, cfg: RunConfig) -> Decoded:
     """The CPU half of a sample: decoding, resizing, masks and audio features."""
     # The mask first: one that selects nothing skips the sample before anything else is decoded.
     loss_mask = _latent_mask(p.mask, p.bucket, cfg.data.fps) if p.mask is not None else None
-    decoded = Decoded(media.read_frames(p.info, p.bucket, cfg.data.fps), loss_mask)
+    decoded = Decoded(media.decode_frames(p.info, p.bucket, cfg.data.fps), loss_mask)
     if p.reference is not None:
         # At fps / k, reference frame j is taken at time j * k / fps: every k-th of the sample's frames, same span.
         try:
-            decoded.reference = media.read_frames(p.reference, p.reference_bucket,
-                                                  cfg.data.fps / cfg.data.reference_temporal_scale)
+            decoded.reference = media.decode_frames(p.reference, p.reference_bucket,
+                                                    cfg.data.fps / cfg.data.reference_temporal_scale)
         except media.MediaError as exc:
             raise media.MediaError(f"reference {exc}") from None
     if p.info.has_audio or p.item.audio is not None:
@@ -296,12 +305,14 @@ def _decoded_ahead(samples: list[Planned], cfg: RunConfig) -> Iterator[tuple[Pla
 
 
 def _encode_sample(p: Planned, decoded: Decoded, components, text_cache: dict[str, dict[str, torch.Tensor]]) -> dict:
-    """The GPU half: VAEs and the prompt encoder (each distinct caption once)."""
-    tensors = {"video_latents": encode_video(components.video_vae, decoded.frames)}
+    """The GPU half: pixels to the model's range on the GPU, VAEs, the prompt encoder (each distinct caption once)."""
+    device = components.video_vae.device
+    tensors = {"video_latents": encode_video(components.video_vae, media.to_model_range(decoded.frames, device))}
     if decoded.loss_mask is not None:
         tensors["video_loss_mask"] = decoded.loss_mask
     if decoded.reference is not None:
-        tensors["reference_latents"] = encode_video(components.video_vae, decoded.reference)
+        tensors["reference_latents"] = encode_video(components.video_vae, media.to_model_range(decoded.reference,
+                                                                                              device))
     if decoded.mel is not None:
         tensors["audio_latents"] = encode_audio(components.audio_vae, decoded.mel)
     if p.caption not in text_cache:
