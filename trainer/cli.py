@@ -68,6 +68,26 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.sample import sample_lora
+
+    cfg = load_config(args.config)
+    written = sample_lora(cfg, Path(args.lora), args.prompt, Path(args.out) if args.out else None, args.steps,
+                          args.seed)
+    print(f"wrote {len(written)} videos (base, LoRA, side by side per prompt):")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _check_weights(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.models.loading import check_weights
@@ -143,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-weights", help="load and verify the weights a config (or a path) names")
     check.add_argument("source", help="a run config (.yaml), or a checkpoint file or diffusers folder")
     check.set_defaults(run=_check_weights)
+
+    sample = commands.add_parser("sample", help="render prompts with a finished LoRA beside the base model")
+    sample.add_argument("config", help="a run config: model, mode and the validation section's sampling settings")
+    sample.add_argument("--lora", required=True, help="the LoRA .safetensors file (ComfyUI or diffusers layout)")
+    sample.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                        help="a prompt to render (repeatable; default: the config's validation.prompts)")
+    sample.add_argument("--out", metavar="DIR", help="where to write (default: <output_dir>/samples/<LoRA file name>)")
+    sample.add_argument("--steps", type=_positive_int, help="denoising steps (default: validation.num_inference_steps)")
+    sample.add_argument("--seed", type=int, help="noise seed, the same for base and LoRA (default: validation.seed)")
+    sample.set_defaults(run=_sample)
     return parser
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from trainer.models.registry import TARGETS
 from trainer.modes import MODE_SPECS
@@ -140,6 +140,19 @@ class ConditioningSection(_Strict):
     first_frame_p: Annotated[float, Field(ge=0, le=1)] = 0.1
 
 
+def _check_8k_plus_1(value: int) -> int:
+    if (value - 1) % 8:
+        raise ValueError(f"must be 8k+1 (the VAE compresses time 8x after a causal first frame), e.g. "
+                         f"{value - (value - 1) % 8} or {value - (value - 1) % 8 + 8}")
+    return value
+
+
+def _check_multiple_of_32(value: int) -> int:
+    if value % 32:
+        raise ValueError(f"must be a multiple of 32 (the VAE compresses space 32x), e.g. {max(32, value // 32 * 32)}")
+    return value
+
+
 class SyntheticSection(_Strict):
     """A generated dataset (written into data.cache_dir when it has no manifest) for smoke runs and tests."""
 
@@ -155,17 +168,12 @@ class SyntheticSection(_Strict):
     @field_validator("frames")
     @classmethod
     def _frames_8k_plus_1(cls, value: int) -> int:
-        if (value - 1) % 8:
-            raise ValueError(f"must be 8k+1 (the VAE compresses time 8x after a causal first frame), e.g. "
-                             f"{value - (value - 1) % 8} or {value - (value - 1) % 8 + 8}")
-        return value
+        return _check_8k_plus_1(value)
 
     @field_validator("height", "width")
     @classmethod
     def _multiple_of_32(cls, value: int) -> int:
-        if value % 32:
-            raise ValueError(f"must be a multiple of 32 (the VAE compresses space 32x), e.g. {max(32, value // 32 * 32)}")
-        return value
+        return _check_multiple_of_32(value)
 
 
 class DataSection(_Strict):
@@ -187,8 +195,8 @@ class DataSection(_Strict):
     reference_temporal_scale: PositiveInt = 1
     synthetic: SyntheticSection | None = None
     num_workers: Annotated[int, Field(ge=0)] = 0
-    # Samples decoded ahead on CPU threads while the previous ones are encoded, in preprocessing.
-    decode_threads: PositiveInt = 2
+    # Preprocessing: samples probed, then decoded ahead, on this many CPU threads while earlier ones are encoded.
+    decode_threads: PositiveInt = 4
 
     @field_validator("buckets")
     @classmethod
@@ -215,6 +223,80 @@ class ExportSection(_Strict):
     name: str = "lora"
 
 
+def _media_file(value: str, kind: str, purpose: str) -> str:
+    """A conditioning file must exist and be of a type we decode (checked when the config loads, not mid-run)."""
+    from trainer.data.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+
+    suffixes = {"image": IMAGE_SUFFIXES, "video": VIDEO_SUFFIXES}[kind]
+    accepted = f"accepted: an existing {kind} file ({', '.join(suffixes)}) {purpose}"
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"{'is not a file' if path.exists() else 'no such file'}; {accepted}")
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"unsupported file type {path.suffix!r}; {accepted}")
+    return value
+
+
+class ValidationPrompt(_Strict):
+    """One validation sample: the prompt, and the conditions its mode takes."""
+
+    prompt: Annotated[str, Field(min_length=1)]
+    # image-to-video and ic-lora: the first frame of the sample.
+    image: str | None = None
+    # ic-lora: the reference (control) video the LoRA learnt to follow.
+    reference: str | None = None
+
+    @field_validator("image")
+    @classmethod
+    def _image_exists(cls, value: str | None) -> str | None:
+        return value if value is None else _media_file(value, "image", "for the first frame")
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_exists(cls, value: str | None) -> str | None:
+        return value if value is None else _media_file(value, "video", "as the IC-LoRA reference")
+
+
+class ValidationSection(_Strict):
+    """Sample videos rendered with the LoRA while training (docs/validation.md); no prompts = off."""
+
+    # Each entry a prompt, or a mapping with `prompt` and the conditions of the mode (`image`, `reference`).
+    prompts: list[ValidationPrompt] = []
+    # Steps between rounds; null renders only at the end.
+    every: PositiveInt | None = None
+    width: PositiveInt = 768
+    height: PositiveInt = 512
+    frames: PositiveInt = 121
+    fps: PositiveFloat = 24.0
+    num_inference_steps: PositiveInt = 30
+    # The diffusers LTX-2 pipelines' defaults (the values Lightricks suggests for LTX-2.3).
+    guidance_scale: Annotated[float, Field(ge=1)] = 3.0
+    audio_guidance_scale: Annotated[float, Field(ge=1)] = 7.0
+    stg_scale: Annotated[float, Field(ge=0)] = 1.0
+    modality_scale: Annotated[float, Field(ge=1)] = 3.0
+    # Every round uses this seed, so samples of different steps are comparable.
+    seed: int = 42
+    # None: the published negative prompt (diffusers' DEFAULT_NEGATIVE_PROMPT).
+    negative_prompt: str | None = None
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _strings_are_prompts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"prompt": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("frames")
+    @classmethod
+    def _frames_8k_plus_1(cls, value: int) -> int:
+        return _check_8k_plus_1(value)
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        return _check_multiple_of_32(value)
+
+
 class RunConfig(_Strict):
     output_dir: str
     model: ModelSection
@@ -227,6 +309,35 @@ class RunConfig(_Strict):
     conditioning: ConditioningSection = ConditioningSection()
     data: DataSection
     export: ExportSection = ExportSection()
+    # After mode and data: its check reads them.
+    validation: ValidationSection = ValidationSection()
+
+    @field_validator("validation")
+    @classmethod
+    def _conditions_fit_the_mode(cls, value: ValidationSection, info: ValidationInfo) -> ValidationSection:
+        """A condition the mode's LoRA never saw would make a meaningless sample: refuse it when loading."""
+        mode, data, model = info.data.get("mode"), info.data.get("data"), info.data.get("model")
+        if value.prompts and model is not None and model.checkpoint is not None and model.text_encoder is None:
+            raise ValueError("prompts need model.text_encoder (a local Gemma 3 12B folder) to encode them")
+        if mode is None:
+            return value
+        spec = MODE_SPECS[mode]
+        takes_image = [name for name, s in MODE_SPECS.items() if s.first_frame]
+        for index, item in enumerate(value.prompts):
+            where = f"prompts.{index}"
+            if item.image is not None and not spec.first_frame:
+                raise ValueError(f"{where}.image = {item.image!r}: mode {mode!r} takes no first-frame image (modes "
+                                 f"that do: {', '.join(takes_image)}); remove it or change the mode")
+            if item.reference is not None and not spec.reference:
+                raise ValueError(f"{where}.reference = {item.reference!r}: only mode 'ic-lora' takes a reference "
+                                 f"video, the mode is {mode!r}")
+            if item.reference is not None and data is not None and data.reference_temporal_scale != 1:
+                raise ValueError(
+                    f"{where}.reference: diffusers' LTX2InContextPipeline places a reference frame for frame "
+                    f"(temporal scale 1), but data.reference_temporal_scale = {data.reference_temporal_scale}; "
+                    f"such a LoRA cannot be sampled here: remove the reference or train with temporal scale 1"
+                )
+        return value
 
     @property
     def lora_alpha(self) -> float:
@@ -281,6 +392,8 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     """The accepted keys of the section at `loc` (for 'did you mean' hints)."""
     model: type[BaseModel] = RunConfig
     for part in loc:
+        if isinstance(part, int):  # an index into a list of sections, e.g. validation.prompts.0
+            continue
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
         candidates = [annotation, *getattr(annotation, "__args__", ())]

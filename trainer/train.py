@@ -47,6 +47,7 @@ from trainer.lora import (
 from trainer.export import export_run
 from trainer.models.registry import ModelTarget, build_transformer, check_checkpoint, get_target
 from trainer.modes import MODE_SPECS, build_step_inputs, compute_loss, isolated_groups
+from trainer.sample import Validator
 
 logger = logging.getLogger("ltx_lora")
 
@@ -211,6 +212,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     if accelerator.is_main_process:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False), encoding="utf-8")
 
+    # Before the transformer: validation encodes its prompts now and frees the text encoder.
+    validator = Validator(cfg, accelerator)
     model = build_transformer(
         target, cfg.model.checkpoint, cfg.model.init_seed, torch.bfloat16 if use_bf16 else torch.float32,
         accelerator.device,
@@ -323,6 +326,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
                         f.write(json.dumps(record) + "\n")
             if finite and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps):
                 last_saved = _save(accelerator, model, optimizer, scheduler, cfg, identity, step) or last_saved
+            validator.after_step(step, model)
     except KeyboardInterrupt:
         bar.close()
         if step > start_step and bad_steps == 0:

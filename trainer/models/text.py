@@ -143,6 +143,15 @@ class PromptEncoder:
         B x L x hidden x 49 in Gemma's dtype (385 MB per prompt for 12B in bf16) plus the connectors' normalisation
         temporaries of that size: choose the batch accordingly.
         """
+        packed, token_mask = self.features(prompts)
+        video, audio, text_mask = self.connectors(packed, token_mask.to(self.connectors.device), padding_side="left")
+        return {"video_text_embeds": video, "audio_text_embeds": audio, "text_mask": text_mask}
+
+    @torch.no_grad()
+    def features(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-2 only: the packed Gemma hidden states [B, L, hidden * layers] in the connectors' dtype and device,
+        and the token mask [B, L] (int64, CPU). This is what diffusers' LTX-2 pipelines take as `prompt_embeds` and
+        `prompt_attention_mask`: they run the connectors themselves."""
         input_ids, token_mask = self.tokenize(prompts)
         device = self.text_encoder.device
         hidden_states = self.text_encoder(
@@ -150,9 +159,7 @@ class PromptEncoder:
         ).hidden_states
         packed = torch.stack(hidden_states, dim=-1).flatten(2, 3)  # [B, L, hidden * layers], hidden-major
         del hidden_states
-        packed = packed.to(device=self.connectors.device, dtype=self.connectors.dtype)
-        video, audio, text_mask = self.connectors(packed, token_mask.to(self.connectors.device), padding_side="left")
-        return {"video_text_embeds": video, "audio_text_embeds": audio, "text_mask": text_mask}
+        return packed.to(device=self.connectors.device, dtype=self.connectors.dtype), token_mask
 
 
 def _check_size(root: Path, hidden_size: int, layers: int, expected_hidden_size: int | None,

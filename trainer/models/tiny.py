@@ -6,7 +6,9 @@ interface of its production counterpart exactly and shrinks only depth and width
   128 latent channels, non-trivial per-channel latent statistics;
 - audio VAE: stereo log-mel [B, 2, T, 64] -> latents [B, 8, T/4, 16], with statistics over the 128 packed features;
 - text encoder: a Gemma 3 language model (2 layers, width 24) and a word-level tokenizer with Gemma's special tokens;
-- text connectors: diffusers' `LTX2TextConnectors` of the target's version, sized to the tiny Gemma and the target.
+- text connectors: diffusers' `LTX2TextConnectors` of the target's version, sized to the tiny Gemma and the target;
+- vocoder: the target version's (LTX-2: `LTX2Vocoder` at 24 kHz; LTX-2.3: `LTX2VocoderWithBWE`, 16 kHz then 48 kHz)
+  with the production upsampling factors, so generated audio has the production sample rate and length.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
-from diffusers.pipelines.ltx2 import LTX2TextConnectors
+from diffusers.pipelines.ltx2 import LTX2TextConnectors, LTX2Vocoder, LTX2VocoderWithBWE
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import (
@@ -102,6 +104,18 @@ _SIGLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_at
 # Two heads per connector block, as in tests/test_loading.py's tiny connectors; the head width follows the target.
 CONNECTOR_HEADS = 2
 
+# The production upsampling factors (hence sample rates) with narrow channels and one residual kernel per stage.
+# Each stage halves the width, so the hidden width must outlast the stages.
+_VOCODER_STAGES = dict(resnet_kernel_sizes=[3], resnet_dilations=[[1]])
+TINY_VOCODER_CONFIG = {
+    "2.0": dict(hidden_channels=32, upsample_kernel_sizes=[16, 15, 8, 4, 4], upsample_factors=[6, 5, 2, 2, 2],
+                output_sampling_rate=24000, **_VOCODER_STAGES),
+    "2.3": dict(hidden_channels=64, upsample_kernel_sizes=[11, 4, 4, 4, 4, 4], upsample_factors=[5, 2, 2, 2, 2, 2],
+                bwe_hidden_channels=32, bwe_upsample_kernel_sizes=[12, 11, 4, 4, 4],
+                bwe_upsample_factors=[6, 5, 2, 2, 2], bwe_resnet_kernel_sizes=[3], bwe_resnet_dilations=[[1]],
+                input_sampling_rate=16000, output_sampling_rate=48000, **_VOCODER_STAGES),
+}
+
 
 @dataclass
 class TinyComponents:
@@ -110,6 +124,7 @@ class TinyComponents:
     text_encoder: torch.nn.Module  # Gemma3TextModel
     tokenizer: PreTrainedTokenizerFast
     connectors: LTX2TextConnectors
+    vocoder: LTX2Vocoder | LTX2VocoderWithBWE
 
 
 @contextlib.contextmanager
@@ -219,8 +234,15 @@ def tiny_connectors(target: ModelTarget, text_encoder: torch.nn.Module, seed: in
     return _frozen(connectors)
 
 
+def tiny_vocoder(target: ModelTarget, seed: int = 0) -> LTX2Vocoder | LTX2VocoderWithBWE:
+    """Mel [B, 2, T, 64] -> waveform [B, 2, samples] at the target version's production output rate."""
+    cls = LTX2VocoderWithBWE if target.version == "2.3" else LTX2Vocoder
+    with _seeded(seed):
+        return _frozen(cls(**TINY_VOCODER_CONFIG[target.version]))
+
+
 def build_tiny_components(target: ModelTarget, seed: int = 0) -> TinyComponents:
-    """Every part the preprocessing needs besides the transformer, frozen, in eval mode and float32."""
+    """Every part preprocessing and sampling need besides the transformer, frozen, in eval mode and float32."""
     text_encoder, tokenizer = tiny_text_encoder(seed)
     return TinyComponents(
         video_vae=tiny_video_vae(seed),
@@ -228,4 +250,5 @@ def build_tiny_components(target: ModelTarget, seed: int = 0) -> TinyComponents:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         connectors=tiny_connectors(target, text_encoder, seed),
+        vocoder=tiny_vocoder(target, seed),
     )
