@@ -33,9 +33,9 @@ from trainer.checkpoint import (
 )
 from trainer.config import AUDIO_MODES, ConfigError, RunConfig
 from trainer.data.batches import BatchPlan, collate
-from trainer.data.cache import LatentCache
+from trainer.data.cache import LatentCache, audio_steps
 from trainer.data.preprocess import preprocess
-from trainer.data.synthetic import AUDIO_STEPS_PER_SECOND, ensure_synthetic_cache
+from trainer.data.synthetic import ensure_synthetic_cache
 from trainer.lora import (
     PRESET_GROUPS,
     get_lora_state_dict,
@@ -95,7 +95,7 @@ def open_dataset(cfg: RunConfig, target: ModelTarget, accelerator: Accelerator) 
             latent_frames=(synthetic.frames - 1) // 8 + 1,
             latent_height=synthetic.height // 32,
             latent_width=synthetic.width // 32,
-            audio_tokens=round(synthetic.frames / synthetic.fps * AUDIO_STEPS_PER_SECOND) if synthetic.audio else None,
+            audio_tokens=audio_steps(synthetic.frames, synthetic.fps) if synthetic.audio else None,
             text_len=synthetic.text_len,
             fps=synthetic.fps,
             seed=synthetic.seed,

@@ -6,7 +6,8 @@ Format, version 1. A cache is a directory holding `<name>.safetensors` files, a 
 Tensors of a sample file (float tensors may be stored in any float dtype; they are read as float32):
   video_latents       [128, F, H, W]  normalised video VAE latents: F latent frames, H x W latent rows x columns
   audio_latents       [8, T, 16]      optional; audio VAE latents, T latent steps (the trainer makes one 128-wide
-                                      token per step, channels outermost)
+                                      token per step, channels outermost); preprocessing makes T = round(F_pixels /
+                                      fps * 25), the length the official pipelines generate (`audio_steps`)
   video_text_embeds   [L, Dv]         text embeddings as the transformer takes them (`encoder_hidden_states`)
   audio_text_embeds   [L, Da]         the same for the audio stream (`audio_encoder_hidden_states`)
   text_mask           [L]             integer; 1 = real token, 0 = padding
@@ -58,6 +59,14 @@ MANIFEST = "manifest.json"
 VIDEO_CHANNELS = 128
 AUDIO_CHANNELS = 8
 AUDIO_MEL_BINS = 16
+# Audio latents per second: 16 kHz, mel hop 160, 4x temporal compression in the audio VAE.
+AUDIO_STEPS_PER_SECOND = 25
+
+
+def audio_steps(num_frames: int, fps: float) -> int:
+    """Audio latent steps of a clip of `num_frames` at `fps`, as the official pipelines size the audio they generate
+    and conform encoded audio to (the VAE gives one step more for the mel frame at each edge)."""
+    return round(num_frames / fps * AUDIO_STEPS_PER_SECOND)
 EMPTY_PROMPT = "extras/empty_prompt.safetensors"
 TEXT_TENSORS = ("video_text_embeds", "audio_text_embeds", "text_mask")
 REQUIRED_TENSORS = ("video_latents", *TEXT_TENSORS)

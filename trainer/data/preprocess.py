@@ -31,7 +31,15 @@ from tqdm.auto import tqdm
 
 from trainer.config import AUDIO_MODES, ConfigError, RunConfig
 from trainer.data import media
-from trainer.data.cache import CACHE_VERSION, EMPTY_PROMPT, CacheError, write_empty_prompt, write_manifest, write_sample
+from trainer.data.cache import (
+    CACHE_VERSION,
+    EMPTY_PROMPT,
+    CacheError,
+    audio_steps,
+    write_empty_prompt,
+    write_manifest,
+    write_sample,
+)
 from trainer.io import digest, file_identity, write_atomic
 from trainer.models.components import (
     Components,
@@ -45,6 +53,9 @@ from trainer.modes import MODE_SPECS
 
 logger = logging.getLogger("ltx_lora")
 REPORT = "preprocess_report.json"
+# Raised whenever the same inputs would encode differently, so caches made before re-encode (2: frames resized by the
+# decoder, audio latents conformed to the official length).
+ENCODING_REVISION = 2
 # How far (log of the ratio) a reference's aspect ratio may be from its sample's: about 2%, rounding of even sizes.
 ASPECT_TOLERANCE = 0.02
 
@@ -158,6 +169,7 @@ def _fingerprint(cfg: RunConfig, identity: str, item: Item, bucket: media.Bucket
     files = [item.media] + ([item.audio] if item.audio else [])
     described = {
         "cache_version": CACHE_VERSION,
+        "encoding": ENCODING_REVISION,
         "target": cfg.model.target,
         "weights": identity,
         "bucket": str(bucket),
@@ -304,7 +316,8 @@ def _decoded_ahead(samples: list[Planned], cfg: RunConfig) -> Iterator[tuple[Pla
                 yield p, exc
 
 
-def _encode_sample(p: Planned, decoded: Decoded, components, text_cache: dict[str, dict[str, torch.Tensor]]) -> dict:
+def _encode_sample(p: Planned, decoded: Decoded, components, text_cache: dict[str, dict[str, torch.Tensor]],
+                   fps: float) -> dict:
     """The GPU half: pixels to the model's range on the GPU, VAEs, the prompt encoder (each distinct caption once)."""
     device = components.video_vae.device
     tensors = {"video_latents": encode_video(components.video_vae, media.to_model_range(decoded.frames, device))}
@@ -314,7 +327,13 @@ def _encode_sample(p: Planned, decoded: Decoded, components, text_cache: dict[st
         tensors["reference_latents"] = encode_video(components.video_vae, media.to_model_range(decoded.reference,
                                                                                               device))
     if decoded.mel is not None:
-        tensors["audio_latents"] = encode_audio(components.audio_vae, decoded.mel)
+        # Conformed to the official length for the clip's duration, the length generation works at.
+        steps = audio_steps(p.bucket.frames, fps)
+        latents = encode_audio(components.audio_vae, decoded.mel)
+        if latents.shape[1] < steps:
+            raise RuntimeError(f"{p.item.media}: the audio VAE gave {latents.shape[1]} latent steps for "
+                               f"{p.bucket.frames / fps:.3f} s, fewer than the {steps} expected")
+        tensors["audio_latents"] = latents[:, :steps].contiguous()
     if p.caption not in text_cache:
         text_cache[p.caption] = {k: v[0].cpu() for k, v in components.prompt_encoder.encode([p.caption]).items()}
     tensors.update(text_cache[p.caption])
@@ -389,7 +408,7 @@ def preprocess(cfg: RunConfig, source: str | None = None, progress: bool = True,
             if isinstance(decoded, media.MediaError):
                 report.skip(p.item.media, str(decoded).removeprefix(f"{p.item.media}: "))
                 continue
-            tensors = _encode_sample(p, decoded, components, text_cache)
+            tensors = _encode_sample(p, decoded, components, text_cache, cfg.data.fps)
             metadata = {
                 "model_version": target.version,
                 "fps": cfg.data.fps,

@@ -16,15 +16,21 @@ from pathlib import Path
 
 import torch
 
-from trainer.data.cache import AUDIO_CHANNELS, AUDIO_MEL_BINS, MANIFEST, write_manifest, write_sample
+from trainer.data.cache import (
+    AUDIO_CHANNELS,
+    AUDIO_MEL_BINS,
+    AUDIO_STEPS_PER_SECOND,
+    MANIFEST,
+    write_manifest,
+    write_sample,
+)
 from trainer.models.registry import ModelTarget
 
 # A standing wave (constant over the grid: the clip's overall tone) and a travelling one. Measured on tiny-ltx-2.3
 # with a rank-16 LoRA: with these two the loss falls well below what pure-noise latents allow (~2.08) within 200
 # steps; four or eight waves carry the same structure but take several times longer to show it.
 NUM_WAVES = 2
-# Audio latents have 25 steps per second (16 kHz, hop 160, 4x temporal compression); a latent frame spans 8 frames.
-AUDIO_STEPS_PER_SECOND = 25
+# A latent frame spans 8 frames.
 FRAMES_PER_LATENT_FRAME = 8
 
 
