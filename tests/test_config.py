@@ -1,5 +1,7 @@
 """Config validation: every error names the key, the bad value and what is accepted; recipes and --set layer."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -85,13 +87,29 @@ def test_load_config_reports_the_file(tmp_path):
         load_config(path)
 
 
-def test_shipped_configs_are_valid():
-    from pathlib import Path
+CONFIGS = Path(__file__).parents[1] / "configs"
+REAL_MODEL_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "smoke.yaml")
 
-    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-    assert configs
-    for path in configs:
-        load_config(path)
+
+def test_the_smoke_config_is_valid_as_shipped():
+    assert load_config(CONFIGS / "smoke.yaml").model.target == "tiny-ltx-2.3"
+
+
+def test_there_are_real_model_configs_for_both_targets():
+    assert {yaml.safe_load(p.read_text())["model"]["target"] for p in REAL_MODEL_CONFIGS} == {"ltx-2.3", "ltx-2"}
+
+
+@pytest.mark.parametrize("path", REAL_MODEL_CONFIGS, ids=lambda p: p.name)
+def test_a_real_model_config_documents_its_mode_and_resolves(tmp_path, path):
+    text = path.read_text()
+    raw = yaml.safe_load(text)
+    assert text.startswith(f"# mode: {raw['mode']}.")
+    # The weights it names, stood in for by an empty file and folder: the schema checks that they exist.
+    (tmp_path / "checkpoint.safetensors").touch()
+    (tmp_path / "gemma").mkdir()
+    raw["model"].update(checkpoint=str(tmp_path / "checkpoint.safetensors"), text_encoder=str(tmp_path / "gemma"))
+    cfg = resolve(raw)
+    assert cfg.mode == raw["mode"] and cfg.model.target == raw["model"]["target"]
 
 
 def test_every_schema_key_is_documented():

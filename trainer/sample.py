@@ -375,6 +375,7 @@ def sample_lora(cfg: RunConfig, lora_path: Path, prompts: list[str], out_dir: Pa
     rank = max(a.shape[0] for a, _ in lora.modules.values())
     inject_lora(model, rank, float(rank), 0.0, sorted(lora.modules))  # the file's scale is already in lora_B
     set_lora_state_dict(model, _adapter_state(lora, rank))
+    model.to(dtype)  # the adapter too: the pipelines run without autocast, and rendering needs no fp32 weights
 
     written = []
     for index, name in enumerate(renderer.names()):
