@@ -239,3 +239,15 @@ def test_ic_lora_records_its_reference_factors_and_refuses_a_cache_taken_at_othe
     with pytest.raises(ConfigError, match=r"references in .*cache were taken at \(data.reference_downscale, "
                                           r"data.reference_temporal_scale\) = \(1, 1\), the config says \(2, 1\)"):
         train(mismatched, progress=False)
+
+
+def test_speed_switches_reach_the_model(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train_module, "checkpoint_blocks", lambda model, blocks: calls.append(("checkpoint", blocks)))
+    monkeypatch.setattr(train_module, "compile_blocks", lambda model, budget: calls.append(("compile", budget)))
+    train(resolve(_config(tmp_path / "a", train={"steps": 1, "gradient_checkpointing": 1})), progress=False)
+    assert calls == [("checkpoint", 1)]  # compile: auto is off on the CPU
+    calls.clear()
+    train(resolve(_config(tmp_path / "b", train={"steps": 1, "gradient_checkpointing": True, "compile": True,
+                                                 "activation_memory_budget": 0.4})), progress=False)
+    assert calls == [("checkpoint", 2), ("compile", 0.4)]  # true: all blocks of the tiny model

@@ -122,7 +122,13 @@ class TrainSection(_Strict):
     steps: PositiveInt = 2000
     batch_size: PositiveInt = 1
     gradient_accumulation_steps: PositiveInt = 1
-    gradient_checkpointing: bool = True
+    # Recompute blocks in the backward pass: true (every block), false, or how many blocks (the first ones).
+    gradient_checkpointing: bool | Annotated[int, Field(ge=0)] = True
+    # torch.compile each transformer block (one graph serves all): auto = on CUDA GPUs, off on the CPU.
+    compile: Literal["auto"] | bool = "auto"
+    # Compiled blocks that are not checkpointed keep at most this fraction of their activations for the backward and
+    # recompute the cheapest of the rest (1 = keep all). Only with compile.
+    activation_memory_budget: Annotated[float, Field(gt=0, le=1)] = 1.0
     # auto: bf16 on CUDA, fp32 on CPU.
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     seed: int = 42

@@ -47,6 +47,7 @@ from trainer.lora import (
 from trainer.export import export_run
 from trainer.models.registry import ModelTarget, build_transformer, check_checkpoint, get_target
 from trainer.modes import MODE_SPECS, build_step_inputs, compute_loss, isolated_groups
+from trainer.performance import checkpoint_blocks, compile_blocks
 from trainer.sample import Validator
 
 logger = logging.getLogger("ltx_lora")
@@ -225,8 +226,11 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     if idle:
         logger.warning("mode %s isolates one stream: the %d adapters on its modules (e.g. %s) will not learn",
                        cfg.mode, len(idle), idle[0])
-    if cfg.train.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    blocks = len(model.transformer_blocks)
+    checkpointed = cfg.train.gradient_checkpointing
+    checkpoint_blocks(model, blocks if checkpointed is True else int(checkpointed))
+    if cfg.train.compile is True or (cfg.train.compile == "auto" and accelerator.device.type == "cuda"):
+        compile_blocks(model, cfg.train.activation_memory_budget)
     params = lora_parameters(model)
     optimizer = build_optimizer(params, cfg, accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))

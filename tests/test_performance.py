@@ -1,0 +1,74 @@
+"""Every speed switch keeps the results: checkpointed and compiled blocks (with an activation memory budget) give the
+tiny model the same loss and LoRA gradients as the plain one."""
+
+import pytest
+import torch
+import torch._functorch.config
+
+from trainer.lora import inject_lora, lora_parameters
+from trainer.models.registry import TARGETS, build_random_transformer
+from trainer.modes import build_step_inputs, compute_loss
+from trainer.performance import checkpoint_blocks, compile_blocks
+
+TARGETS_LIST = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+
+def _model():
+    model = build_random_transformer(TARGETS["tiny-ltx-2.3"], seed=0)
+    inject_lora(model, 4, 4.0, 0.0, TARGETS_LIST)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in lora_parameters(model):  # non-zero B, so every adapter gets a gradient
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def _step(model):
+    target = TARGETS["tiny-ltx-2.3"]
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "video_latents": torch.randn(2, 128, 3, 2, 3, generator=g),
+        "audio_latents": torch.randn(2, 8, 5, 16, generator=g),
+        "video_text_embeds": torch.randn(2, 6, target.video_text_dim, generator=g),
+        "audio_text_embeds": torch.randn(2, 6, target.audio_text_dim, generator=g),
+        "text_mask": torch.ones(2, 6, dtype=torch.long),
+        "fps": 24.0,
+    }
+    loss, _ = compute_loss(model, build_step_inputs(batch, "text-to-audio-video", torch.Generator().manual_seed(1)))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in lora_parameters(model)]
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return _step(_model())
+
+
+def _same(result, plain, tolerance):
+    loss, grads = result
+    torch.testing.assert_close(loss, plain[0], rtol=tolerance, atol=0)
+    assert len(grads) == len(plain[1])
+    for got, want in zip(grads, plain[1]):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+
+
+def test_checkpointing_the_first_blocks_recomputes_exactly_those(plain):
+    model = _model()
+    checkpoint_blocks(model, 1)
+    calls = [0] * len(model.transformer_blocks)
+    for index, block in enumerate(model.transformer_blocks):
+        block.register_forward_pre_hook(lambda *_, i=index: calls.__setitem__(i, calls[i] + 1))
+    _same(_step(model), plain, 1e-6)
+    assert calls == [2, 1]  # block 0 ran again in the backward, block 1 kept its activations
+
+
+@pytest.mark.parametrize("checkpointed, budget", [(0, 1.0), (0, 0.3), (2, 1.0)])
+def test_compiled_blocks_give_the_same_loss_and_gradients(plain, checkpointed, budget):
+    torch._dynamo.reset()
+    model = _model()
+    checkpoint_blocks(model, checkpointed)
+    compile_blocks(model, budget, backend="aot_eager")
+    try:
+        _same(_step(model), plain, 1e-5)
+    finally:
+        torch._functorch.config.activation_memory_budget = 1.0  # a global of the compiler
