@@ -1,7 +1,13 @@
-"""Shared fixtures: tiny random models are cheap, so each test builds its own."""
+"""Shared fixtures: tiny random models are cheap, so each test builds its own. Without a GPU the Triton kernels run
+in Triton's interpreter on the CPU (set before anything imports triton)."""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from trainer.models.registry import TARGETS, build_random_transformer
 
