@@ -251,3 +251,17 @@ def test_speed_switches_reach_the_model(tmp_path, monkeypatch):
     train(resolve(_config(tmp_path / "b", train={"steps": 1, "gradient_checkpointing": True, "compile": True,
                                                  "activation_memory_budget": 0.4})), progress=False)
     assert calls == [("checkpoint", 2), ("compile", 0.4)]  # true: all blocks of the tiny model
+
+
+def test_triton_kernels_train_the_same_as_sdpa(tmp_path, monkeypatch):
+    """`kernels: triton` routes the attentions through the fused kernel (Triton's interpreter here) and trains to
+    the same losses as PyTorch's attention."""
+    import kernels.install
+
+    calls = []
+    fused = kernels.install.fused_attention
+    monkeypatch.setattr(kernels.install, "fused_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    sdpa = train(resolve(_config(tmp_path / "a", kernels="sdpa", train={"steps": 2})), progress=False)
+    assert not calls
+    triton = train(resolve(_config(tmp_path / "b", kernels="triton", train={"steps": 2})), progress=False)
+    assert calls and triton.losses == pytest.approx(sdpa.losses, rel=1e-4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -190,6 +191,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     if cfg.model.checkpoint is not None:
         check_checkpoint(target, cfg.model.checkpoint)
 
+    if cfg.kernels == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("kernels = 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels slowly on the "
+                          "CPU); use 'auto' or 'sdpa'")
     use_bf16 = cfg.train.mixed_precision == "bf16" or (cfg.train.mixed_precision == "auto" and torch.cuda.is_available())
     if use_bf16 and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision = 'bf16' needs a CUDA GPU; use 'auto' or 'no' on the CPU")
@@ -226,6 +230,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     if idle:
         logger.warning("mode %s isolates one stream: the %d adapters on its modules (e.g. %s) will not learn",
                        cfg.mode, len(idle), idle[0])
+    if cfg.kernels == "triton":
+        from kernels.install import install_attention  # imports Triton, which only this path needs
+
+        install_attention(model)
     blocks = len(model.transformer_blocks)
     checkpointed = cfg.train.gradient_checkpointing
     checkpoint_blocks(model, blocks if checkpointed is True else int(checkpointed))
