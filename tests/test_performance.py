@@ -72,3 +72,28 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(plain, checkpointed, b
         _same(_step(model), plain, 1e-5)
     finally:
         torch._functorch.config.activation_memory_budget = 1.0  # a global of the compiler
+
+
+def test_compiled_blocks_render_eagerly_for_sampling(tmp_path):
+    """Sampling's spatio-temporal guidance branches on data, which a compiled full graph refuses: validation runs the
+    blocks eagerly, and the compiled call is back afterwards."""
+    from trainer.config import resolve
+    from trainer.performance import eager_blocks
+    from trainer.sample import Renderer
+
+    cfg = resolve({"output_dir": str(tmp_path / "run"), "model": {"target": "tiny-ltx-2.3"},
+                   "mode": "text-to-audio-video", "data": {"cache_dir": str(tmp_path / "cache")},
+                   "validation": {"prompts": ["a red square"], "width": 64, "height": 64, "frames": 9,
+                                  "num_inference_steps": 2}})
+    renderer = Renderer(cfg, cfg.validation, torch.device("cpu"))
+    plain = renderer.render(_model().eval(), 0)
+    torch._dynamo.reset()
+    model = _model().eval()
+    compile_blocks(model, backend="aot_eager")
+    with pytest.raises(Exception, match="all_perturbed|data-dependent|Data-dependent"):
+        renderer.render(model, 0)
+    with eager_blocks(model):
+        assert all(block._compiled_call_impl is None for block in model.transformer_blocks)
+        rendered = renderer.render(model, 0)
+    assert all(block._compiled_call_impl is not None for block in model.transformer_blocks)
+    assert (rendered.frames == plain.frames).all()

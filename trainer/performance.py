@@ -10,6 +10,9 @@ before any matrix product, so a budget between the two costs much less than chec
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -40,3 +43,19 @@ def compile_blocks(model: torch.nn.Module, activation_memory_budget: float = 1.0
 
     functorch_config.activation_memory_budget = activation_memory_budget
     model.compile_repeated_blocks(fullgraph=True, backend=backend)
+
+
+@contextmanager
+def eager_blocks(model: torch.nn.Module) -> Iterator[None]:
+    """Runs compiled blocks eagerly inside the `with`: sampling calls them with inputs the training graph was not
+    made for (a guidance batch, spatio-temporal guidance's data-dependent branch, which a full graph cannot hold).
+    `Module.compile` keeps the compiled call in `_compiled_call_impl`; it is set aside and put back."""
+    compiled = {block: block._compiled_call_impl for block in model.transformer_blocks
+                if getattr(block, "_compiled_call_impl", None) is not None}
+    for block in compiled:
+        block._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for block, call in compiled.items():
+            block._compiled_call_impl = call

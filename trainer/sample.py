@@ -43,6 +43,7 @@ from trainer.models.registry import (
     get_target,
 )
 from trainer.modes import MODE_SPECS
+from trainer.performance import eager_blocks
 from trainer.video_files import gif_bytes, write_mp4
 
 logger = logging.getLogger("ltx_lora")
@@ -265,7 +266,7 @@ class Validator:
             # The training's random state stays as it was, so a resumed run still repeats an uninterrupted one.
             devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
             try:
-                with torch.random.fork_rng(devices=devices):
+                with torch.random.fork_rng(devices=devices), eager_blocks(transformer):
                     written = self._round(transformer, step)
             finally:
                 self.renderer.parts.to("cpu")
