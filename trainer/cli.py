@@ -28,9 +28,10 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"done: step {result.final_step}; LoRA written to:")
-    for path in result.exported:
-        print(f"  {path}")
+    if result.exported:  # the main process exports; the others of a multi-GPU run have nothing to add
+        print(f"done: step {result.final_step}; LoRA written to:")
+        for path in result.exported:
+            print(f"  {path}")
     return 0
 
 

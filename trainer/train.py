@@ -158,9 +158,11 @@ def drop_captions(batch: dict[str, Any], empty: dict[str, torch.Tensor], probabi
         batch[key][dropped.to(batch[key].device)] = value.to(batch[key].device, batch[key].dtype)
 
 
-def noise_generator(seed: int, step: int, micro_step: int, rank: int) -> torch.Generator:
-    """The generator of one micro-batch's sigmas and noise: a pure function of where it is in the run."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro_step) * 131 + rank)
+def noise_generator(seed: int, micro_batch: int) -> torch.Generator:
+    """The generator of one micro-batch's sigmas and noise, a pure function of its place in the run's global sequence
+    of micro-batches ((step * accumulation + micro step) * processes + rank). So P processes with accumulation A draw
+    exactly what one process with accumulation P * A draws, as they read the same samples (data/batches.py)."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + micro_batch) % 2**63)  # seeds far apart
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
@@ -293,9 +295,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
             for micro in range(accum):
                 batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
                 if empty_prompt is not None:
-                    dropout_generator = noise_generator(cfg.train.seed + 1, step, micro, rank)
+                    dropout_generator = noise_generator(cfg.train.seed + 1, (step * accum + micro) * world + rank)
                     drop_captions(batch, empty_prompt, cfg.train.caption_dropout_p, dropout_generator)
-                generator = noise_generator(cfg.train.seed, step, micro, rank)
+                generator = noise_generator(cfg.train.seed, (step * accum + micro) * world + rank)
                 inputs = build_step_inputs(batch, cfg.mode, generator, cfg.conditioning.first_frame_p)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
                     loss, parts = compute_loss(model, inputs)
