@@ -24,6 +24,7 @@ from trainer.data.media import (
     MediaInfo,
     auto_buckets,
     choose_bucket,
+    decode_frames,
     log_mel,
     parse_bucket,
     probe,
@@ -117,6 +118,26 @@ def test_read_frames_resamples_by_timestamp(media):
 def test_read_frames_repeats_frames_when_upsampling(media):
     frames = read_frames(probe(media["sound"]), Bucket(64, 64, 9), target_fps=48)  # 24 fps source
     assert np.abs(np.diff(_brightness(frames))[::2]).max() < 2  # 0 and 1/48 s both pick source frame 0, ...
+
+
+def test_a_phone_clip_with_display_rotation_is_probed_and_decoded_upright(tmp_path):
+    """Phones store portrait clips as landscape frames plus a display rotation: probing gives the upright size and
+    decoding turns the frames as a player does (90 degrees counterclockwise for a rotation of 90)."""
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:8, :16] = 255  # a block in the top-left corner of the stored frame
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt, stream.options = 64, 32, "yuv420p", {"crf": "0"}
+        stream.set_display_rotation(90)
+        for _ in range(9):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        container.mux(stream.encode())
+    info = probe(path)
+    assert (info.width, info.height) == (32, 64)
+    frames = decode_frames(info, Bucket(32, 64, 9), target_fps=24)
+    assert frames.shape == (9, 64, 32, 3)
+    np.testing.assert_array_equal(frames[0].numpy(), np.rot90(stored, k=1))
 
 
 @pytest.mark.parametrize("name, bucket", [("bars", Bucket(64, 64, 9)), ("bars.png", Bucket(32, 32, 1))])
