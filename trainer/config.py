@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from trainer.models.registry import TARGETS
 from trainer.modes import MODE_SPECS
@@ -159,27 +168,22 @@ def _check_multiple_of_32(value: int) -> int:
     return value
 
 
+# Pixel sizes the VAE can encode: frame counts 8k+1, widths and heights multiples of 32.
+Frames = Annotated[int, Field(gt=0), AfterValidator(_check_8k_plus_1)]
+Side = Annotated[int, Field(gt=0), AfterValidator(_check_multiple_of_32)]
+
+
 class SyntheticSection(_Strict):
     """A generated dataset (written into data.cache_dir when it has no manifest) for smoke runs and tests."""
 
     num_samples: PositiveInt = 8
-    frames: PositiveInt = 17
-    height: PositiveInt = 128
-    width: PositiveInt = 192
+    frames: Frames = 17
+    height: Side = 128
+    width: Side = 192
     fps: PositiveFloat = 24.0
     audio: bool = True
     text_len: PositiveInt = 16
     seed: int = 0
-
-    @field_validator("frames")
-    @classmethod
-    def _frames_8k_plus_1(cls, value: int) -> int:
-        return _check_8k_plus_1(value)
-
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_32(cls, value: int) -> int:
-        return _check_multiple_of_32(value)
 
 
 class DataSection(_Strict):
@@ -270,9 +274,9 @@ class ValidationSection(_Strict):
     prompts: list[ValidationPrompt] = []
     # Steps between rounds; null renders only at the end.
     every: PositiveInt | None = None
-    width: PositiveInt = 768
-    height: PositiveInt = 512
-    frames: PositiveInt = 121
+    width: Side = 768
+    height: Side = 512
+    frames: Frames = 121
     fps: PositiveFloat = 24.0
     num_inference_steps: PositiveInt = 30
     # The diffusers LTX-2 pipelines' defaults (the values Lightricks suggests for LTX-2.3).
@@ -291,16 +295,6 @@ class ValidationSection(_Strict):
         if isinstance(value, list):
             return [{"prompt": item} if isinstance(item, str) else item for item in value]
         return value
-
-    @field_validator("frames")
-    @classmethod
-    def _frames_8k_plus_1(cls, value: int) -> int:
-        return _check_8k_plus_1(value)
-
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_32(cls, value: int) -> int:
-        return _check_multiple_of_32(value)
 
 
 class RunConfig(_Strict):
