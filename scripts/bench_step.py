@@ -15,7 +15,8 @@ Variants:
   compiled          compiled, nothing checkpointed (needs ~114 GiB at 6144 tokens: H200 only)
   compiled-ckptK    compiled, the first K of the 48 blocks checkpointed (e.g. compiled-ckpt24)
   compiled-budgetX  compiled, nothing checkpointed, the compiler's activation memory budget X (e.g. compiled-budget0.5)
-  and combinations such as compiled-ckpt20-budget0.5 (20 blocks checkpointed, the others under the budget)
+  and combinations such as compiled-ckpt20-budget0.5 (20 blocks checkpointed, the others under the budget);
+  a `-triton` part routes attention through our fused Triton kernel (kernels: triton), e.g. compiled-ckpt-triton
 
     python scripts/bench_step.py --variants eager-ckpt,compiled-ckpt,compiled-budget0.5 --steps 5
 """
@@ -91,7 +92,8 @@ def model_flops(model, inputs) -> tuple[float, float]:
 
 def apply_variant(model, name: str) -> None:
     """`eager` or `compiled`, then optional parts: `ckpt` (every block) or `ckptK` (the first K blocks) checkpointed,
-    `budgetX` the compiler's activation memory budget, e.g. compiled-ckpt20-budget0.5."""
+    `budgetX` the compiler's activation memory budget, `triton` our fused attention (kernels: triton), e.g.
+    compiled-ckpt20-budget0.5."""
     mode, *parts = name.split("-")
     if mode not in ("eager", "compiled"):
         raise SystemExit(f"unknown variant {name!r}: starts with eager or compiled")
@@ -101,6 +103,10 @@ def apply_variant(model, name: str) -> None:
             checkpoint_blocks(model, int(part[4:]) if part[4:] else len(model.transformer_blocks))
         elif part.startswith("budget") and mode == "compiled":
             budget = float(part[6:])
+        elif part == "triton":
+            from kernels.install import install_attention
+
+            install_attention(model)
         else:
             raise SystemExit(f"unknown part {part!r} of variant {name!r}")
     if mode == "compiled":
