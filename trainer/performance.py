@@ -21,11 +21,10 @@ def checkpoint_blocks(model: torch.nn.Module, blocks: int) -> None:
     """Checkpoint the first `blocks` transformer blocks (all of them when `blocks` >= their number, none at 0).
 
     The first blocks are chosen because their activations live longest (until the end of the backward pass)."""
-    count = len(model.transformer_blocks)
     if blocks <= 0:
         model.disable_gradient_checkpointing()
         return
-    chosen = {id(block) for block in list(model.transformer_blocks)[:min(blocks, count)]}
+    chosen = {id(block) for block in list(model.transformer_blocks)[:blocks]}
 
     def run(block, *args):
         if id(block) in chosen:

@@ -130,16 +130,10 @@ def _load_parts(cfg: RunConfig, device: torch.device, prompts: list[str]) -> tup
     return parts, features
 
 
-def _pil(pixels: torch.Tensor) -> list[Image.Image]:
-    """[3, F, H, W] in [-1, 1] -> one RGB image per frame."""
-    array = ((pixels.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    return [Image.fromarray(frame) for frame in array]
-
-
 def _conditions(cfg: RunConfig, settings: ValidationSection) -> list[dict]:
     """Each prompt's first-frame image and reference frames, decoded once, at the sample's size (the reference at
     1/`data.reference_downscale` of it); a file that cannot be used is a ConfigError before anything renders."""
-    from trainer.data.media import Bucket, probe, read_frames
+    from trainer.data.media import Bucket, decode_frames, probe
 
     loaded = []
     for index, item in enumerate(settings.prompts):
@@ -152,7 +146,8 @@ def _conditions(cfg: RunConfig, settings: ValidationSection) -> list[dict]:
             if path is None:
                 continue
             try:
-                conditions[key] = _pil(read_frames(probe(path), Bucket(*size), settings.fps))
+                frames = decode_frames(probe(path), Bucket(*size), settings.fps).numpy()
+                conditions[key] = [Image.fromarray(frame) for frame in frames]
             except ValueError as exc:  # a MediaError ("<path>: <reason>"), or a size that is no bucket
                 reason = str(exc).removeprefix(f"{Path(path)}: ")
                 raise ConfigError(f"validation.prompts.{index}.{key} = {path!r}: {reason}") from None

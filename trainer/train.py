@@ -103,23 +103,23 @@ def open_dataset(cfg: RunConfig, target: ModelTarget, accelerator: Accelerator) 
             seed=synthetic.seed,
         )
     accelerator.wait_for_everyone()
+    needs_reference = MODE_SPECS[cfg.mode].reference
     dataset = LatentCache(
         cfg.data.cache_dir,
         model_version=target.version,
         video_text_dim=target.video_text_dim,
         audio_text_dim=target.audio_text_dim,
         require_audio=cfg.mode in AUDIO_MODES,
-        require_reference=MODE_SPECS[cfg.mode].reference,
+        require_reference=needs_reference,
     )
-    if MODE_SPECS[cfg.mode].reference:
-        # The exported LoRA records the factors from the config (trainer/export.py): they must be the cache's.
-        wanted = (cfg.data.reference_downscale, cfg.data.reference_temporal_scale)
-        if dataset.reference_factors() != wanted:
-            raise ConfigError(
-                f"the references in {cfg.data.cache_dir} were taken at (data.reference_downscale, "
-                f"data.reference_temporal_scale) = {dataset.reference_factors()}, the config says {wanted}: set "
-                f"them to the cache's, or re-run preprocessing with the config's"
-            )
+    # The exported LoRA records the factors from the config (trainer/export.py): they must be the cache's.
+    wanted = (cfg.data.reference_downscale, cfg.data.reference_temporal_scale)
+    if needs_reference and dataset.reference_factors() != wanted:
+        raise ConfigError(
+            f"the references in {cfg.data.cache_dir} were taken at (data.reference_downscale, "
+            f"data.reference_temporal_scale) = {dataset.reference_factors()}, the config says {wanted}: set "
+            f"them to the cache's, or re-run preprocessing with the config's"
+        )
     return dataset
 
 
@@ -294,10 +294,11 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
             parts_sum: dict[str, torch.Tensor] = {}
             for micro in range(accum):
                 batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
+                micro_batch = (step * accum + micro) * world + rank  # its place in the run's global sequence
                 if empty_prompt is not None:
-                    dropout_generator = noise_generator(cfg.train.seed + 1, (step * accum + micro) * world + rank)
+                    dropout_generator = noise_generator(cfg.train.seed + 1, micro_batch)
                     drop_captions(batch, empty_prompt, cfg.train.caption_dropout_p, dropout_generator)
-                generator = noise_generator(cfg.train.seed, (step * accum + micro) * world + rank)
+                generator = noise_generator(cfg.train.seed, micro_batch)
                 inputs = build_step_inputs(batch, cfg.mode, generator, cfg.conditioning.first_frame_p)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
                     loss, parts = compute_loss(model, inputs)

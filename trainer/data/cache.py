@@ -61,12 +61,6 @@ AUDIO_CHANNELS = 8
 AUDIO_MEL_BINS = 16
 # Audio latents per second: 16 kHz, mel hop 160, 4x temporal compression in the audio VAE.
 AUDIO_STEPS_PER_SECOND = 25
-
-
-def audio_steps(num_frames: int, fps: float) -> int:
-    """Audio latent steps of a clip of `num_frames` at `fps`, as the official pipelines size the audio they generate
-    and conform encoded audio to (the VAE gives one step more for the mel frame at each edge)."""
-    return round(num_frames / fps * AUDIO_STEPS_PER_SECOND)
 EMPTY_PROMPT = "extras/empty_prompt.safetensors"
 TEXT_TENSORS = ("video_text_embeds", "audio_text_embeds", "text_mask")
 REQUIRED_TENSORS = ("video_latents", *TEXT_TENSORS)
@@ -82,6 +76,12 @@ class CacheError(ValueError):
 
 def _model_name(version: str) -> str:
     return _MODEL_NAMES.get(version, f"model version {version!r}")
+
+
+def audio_steps(num_frames: int, fps: float) -> int:
+    """Audio latent steps of a clip of `num_frames` at `fps`, as the official pipelines size the audio they generate
+    and conform encoded audio to (the VAE gives one step more for the mel frame at each edge)."""
+    return round(num_frames / fps * AUDIO_STEPS_PER_SECOND)
 
 
 def write_sample(cache_dir: str | Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:

@@ -124,7 +124,6 @@ class TinyComponents:
     text_encoder: torch.nn.Module  # Gemma3TextModel
     tokenizer: PreTrainedTokenizerFast
     connectors: LTX2TextConnectors
-    vocoder: LTX2Vocoder | LTX2VocoderWithBWE
 
 
 @contextlib.contextmanager
@@ -242,7 +241,8 @@ def tiny_vocoder(target: ModelTarget, seed: int = 0) -> LTX2Vocoder | LTX2Vocode
 
 
 def build_tiny_components(target: ModelTarget, seed: int = 0) -> TinyComponents:
-    """Every part preprocessing and sampling need besides the transformer, frozen, in eval mode and float32."""
+    """Every part preprocessing needs besides the transformer, frozen, in eval mode and float32 (sampling adds
+    `tiny_vocoder`)."""
     text_encoder, tokenizer = tiny_text_encoder(seed)
     return TinyComponents(
         video_vae=tiny_video_vae(seed),
@@ -250,5 +250,4 @@ def build_tiny_components(target: ModelTarget, seed: int = 0) -> TinyComponents:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         connectors=tiny_connectors(target, text_encoder, seed),
-        vocoder=tiny_vocoder(target, seed),
     )
