@@ -56,8 +56,9 @@ def test_roles_give_the_right_tokens_timesteps_and_losses(mode):
             assert xt.shape == (2, 1, 128) and not xt.any() and target is None, name
         elif role == "clean":
             assert torch.equal(xt, x0) and not timestep.any() and not sigma.any() and target is None, name
-        else:  # generated: every token carries its sample's sigma, and the loss
-            assert timestep.shape == x0.shape[:2] and torch.allclose(timestep, sigma[:, None].expand_as(timestep))
+        else:  # generated: every token carries its sample's sigma (given once per sample unless IC-LoRA), and the loss
+            assert timestep.shape == (x0.shape[0], x0.shape[1] if spec.reference else 1), name
+            assert torch.allclose(timestep, sigma[:, None].expand_as(timestep))
             assert ((sigma > 0) & (sigma <= TIMESTEP_SCALE)).all() and target is not None, name
             assert not torch.equal(xt, x0), name
     assert kw["isolate_modalities"] == ("absent" in (spec.video, spec.audio))
@@ -79,6 +80,20 @@ def test_image_to_video_keeps_the_first_latent_frame_clean():
     assert not always.video_loss_mask[:, :first].any() and always.video_loss_mask[:, first:].all()
     never = _inputs("image-to-video", batch, first_frame_p=0.0)
     assert never.video_loss_mask.all() and never.model_kwargs["timestep"].all()
+
+
+@pytest.mark.parametrize("target_name", ["tiny-ltx-2.3", "tiny-ltx-2"])
+def test_a_timestep_given_once_per_sample_predicts_as_one_given_per_token(target_name):
+    target = TARGETS[target_name]
+    model = build_random_transformer(target, seed=0).eval()
+    kw = _inputs("text-to-audio-video", _batch(target)).model_kwargs
+    assert kw["timestep"].shape == (2, 1) and kw["audio_timestep"].shape == (2, 1)
+    per_token = dict(kw, timestep=kw["timestep"].expand(kw["hidden_states"].shape[:2]),
+                     audio_timestep=kw["audio_timestep"].expand(kw["audio_hidden_states"].shape[:2]))
+    with torch.no_grad():
+        once, per = model(**kw), model(**per_token)
+    for a, b in zip(once, per):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_image_to_video_never_conditions_away_a_single_frame_sample():
