@@ -2,28 +2,37 @@
 
 Builds the full-size LTX-2.3 (or LTX-2) transformer with random weights in bf16 on the GPU (speed does not depend on
 weight values), injects rank-32 LoRA adapters (fp32) into to_q/to_k/to_v/to_out.0/ff.net.0.proj/ff.net.2 of all
-streams, and times the training step the trainer runs (trainer.modes: text-to-audio-video inputs with a sigma per
+streams (the audio feed-forward included), and times the training step the trainer runs (trainer.modes: text-to-audio-video inputs with a sigma per
 modality, bf16 autocast, backward, fused AdamW) at 121 frames of 512x768 (6144 video tokens; `--tokens 14720` for
 1280x736), 5 s of audio (126 tokens), 1024 text tokens, batch 1. Each variant runs in its own process (clean memory
 statistics; an out-of-memory variant is reported, not fatal) and reports the median step time of the timed steps
-after warm-up, the peak GPU memory, and model FLOPs utilisation against the card's bf16 matmul rate measured in the
+after warm-up, the peak GPU memory (allocated and reserved), and model FLOPs utilisation against the card's bf16 matmul rate measured in the
 same run. Attention runs on cuDNN SDPA in every variant (flash or memory-efficient SDPA where cuDNN refuses).
 
 Variants:
+  ltxcore-eager-ckpt     the official implementation, ltx-core's LTXModel + PEFT, every block checkpointed, as the
+                         official trainer runs it (scripts/ltx_core_step.py; needs ltx-core and einops installed)
+  ltxcore-compiled-ckpt  the same with each block compiled
   eager-ckpt        diffusers + PEFT, eager, every block checkpointed (the usual setup)
   compiled-ckpt     every block compiled (`compile_repeated_blocks`), every block checkpointed
-  compiled          compiled, nothing checkpointed (needs ~114 GiB at 6144 tokens: H200 only)
+  compiled          compiled, nothing checkpointed (79 GiB at 6144 tokens)
   compiled-ckptK    compiled, the first K of the 48 blocks checkpointed (e.g. compiled-ckpt24)
   compiled-budgetX  compiled, nothing checkpointed, the compiler's activation memory budget X (e.g. compiled-budget0.5)
   and combinations such as compiled-ckpt20-budget0.5 (20 blocks checkpointed, the others under the budget);
-  a `-triton` part routes attention through our fused Triton kernel (kernels: triton), e.g. compiled-ckpt-triton
+  a `-triton` part routes attention through our fused Triton kernel (kernels: triton), e.g. compiled-ckpt-triton;
+  a `-noagg` part turns off the partitioner's aggressive recomputation (on in the trainer: recompute every cheap
+  elementwise op rather than keep its output), e.g. compiled-noagg; a `-pertoken` part passes the timesteps per
+  token, as before they were given once per sample; a `-cg` part replays the compiled blocks as CUDA graphs.
+`--layers N` builds N blocks instead of 48 and `--profile` prints where one step's GPU time goes, e.g.
 
-    python scripts/bench_step.py --variants eager-ckpt,compiled-ckpt,compiled-budget0.5 --steps 5
+    python scripts/bench_step.py --variants ltxcore-eager-ckpt,compiled-ckpt,compiled-ckpt12,compiled --steps 3
+    python scripts/bench_step.py --variants compiled,compiled-noagg --layers 12 --profile
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -31,14 +40,16 @@ import sys
 import time
 
 import torch
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.lora import inject_lora, lora_parameters
 from trainer.models.registry import TARGETS, build_random_transformer
 from trainer.modes import build_step_inputs, compute_loss
 from trainer.performance import checkpoint_blocks, compile_blocks
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+# The video feed-forward's names do not match the audio one's (`audio_ff.net.2`): both are listed.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "audio_ff.net.0.proj",
+                "audio_ff.net.2"]
 # 121 frames -> 16 latent frames; (latent rows, columns) per video token count.
 GRIDS = {6144: (16, 16, 24), 14720: (16, 23, 40)}
 AUDIO_TOKENS, TEXT_TOKENS = 126, 1024
@@ -97,12 +108,18 @@ def apply_variant(model, name: str) -> None:
     mode, *parts = name.split("-")
     if mode not in ("eager", "compiled"):
         raise SystemExit(f"unknown variant {name!r}: starts with eager or compiled")
-    budget = 1.0
+    budget, aggressive, cuda_graphs = 1.0, True, False
     for part in parts:
         if part.startswith("ckpt"):
             checkpoint_blocks(model, int(part[4:]) if part[4:] else len(model.transformer_blocks))
         elif part.startswith("budget") and mode == "compiled":
             budget = float(part[6:])
+        elif part == "noagg":
+            aggressive = False
+        elif part == "cg":
+            cuda_graphs = True
+        elif part == "pertoken":
+            pass  # handled where the inputs are built
         elif part == "triton":
             from kernels.install import install_attention
 
@@ -110,34 +127,84 @@ def apply_variant(model, name: str) -> None:
         else:
             raise SystemExit(f"unknown part {part!r} of variant {name!r}")
     if mode == "compiled":
-        compile_blocks(model, budget)
+        compile_blocks(model, budget, aggressive_recomputation=aggressive, cuda_graphs=cuda_graphs)
 
 
-def run_variant(name: str, target_name: str, tokens: int, warmup: int, steps: int) -> dict:
-    from torch.nn.attention import sdpa_kernel
+def kernel_profile(step, top: int = 25) -> None:
+    """Prints where one step's GPU time goes: kernels grouped into matrix products, attention, generated (Triton)
+    elementwise kernels and the rest, then the `top` kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
 
-    device = torch.device("cuda")
-    target = TARGETS[target_name]
-    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    groups: dict[str, float] = {}
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        n = e.name.lower()
+        group = ("attention" if any(k in n for k in ("flash", "fmha", "cudnn", "attention", "sdpa")) else
+                 "matmul" if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass", "sm90")) else
+                 "triton" if n.startswith("triton") else "other")
+        groups[group] = groups.get(group, 0.0) + e.device_time_total / 1e3
+        entry = by_name.setdefault(e.name[:110], [0.0, 0])
+        entry[0] += e.device_time_total / 1e3
+        entry[1] += 1
+    total = sum(groups.values())
+    print(f"PROFILE kernel time {total:.1f} ms in {len(kernels)} kernels: " +
+          ", ".join(f"{g} {t:.1f} ms" for g, t in sorted(groups.items(), key=lambda kv: -kv[1])), flush=True)
+    for kernel, (ms, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"PROFILE {ms:8.2f} ms {calls:5d}x  {kernel}", flush=True)
+
+
+def build_ours(name: str, target, tokens: int, device: torch.device):
+    """Our model in variant `name`: (one training step, model FLOPs, attention FLOPs)."""
     model = build_random_transformer(target, seed=0, dtype=torch.bfloat16, device=device)
     inject_lora(model, 32, 32.0, 0.0, LORA_TARGETS)
     params = lora_parameters(model)
     inputs = build_step_inputs(batch_for(target, tokens, device), "text-to-audio-video",
                                torch.Generator().manual_seed(0))
+    if "pertoken" in name.split("-"):
+        kw = inputs.model_kwargs
+        kw["timestep"] = kw["timestep"].expand(kw["hidden_states"].shape[:2])
+        kw["audio_timestep"] = kw["audio_timestep"].expand(kw["audio_hidden_states"].shape[:2])
     with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
         flops, attention_flops = model_flops(model, inputs)
     apply_variant(model, name)
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+    def step() -> None:
+        with torch.autocast("cuda", torch.bfloat16):
+            loss, _ = compute_loss(model, inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, flops, attention_flops
+
+
+def run_variant(name: str, target_name: str, tokens: int, warmup: int, steps: int, layers: int | None = None,
+                profile: bool = False) -> dict:
+    device = torch.device("cuda")
+    target = TARGETS[target_name]
+    if layers:  # a shorter stack of the same blocks, for profiles
+        target = dataclasses.replace(target, transformer_config={**target.transformer_config, "num_layers": layers})
+    started = time.perf_counter()
+    if name.startswith("ltxcore-"):  # the official implementation (scripts/ltx_core_step.py)
+        import ltx_core_step
+
+        if name not in ("ltxcore-eager-ckpt", "ltxcore-compiled-ckpt"):
+            raise SystemExit(f"unknown variant {name!r}: ltxcore-eager-ckpt or ltxcore-compiled-ckpt")
+        _, _, train_step = ltx_core_step.build(target_name, tokens, "compiled" in name, device, layers)
+        flops = attention_flops = None
+    else:
+        train_step, flops, attention_flops = build_ours(name, target, tokens, device)
     built = time.perf_counter() - started
 
     def step() -> None:
         # The backward too: a checkpointed block recomputes its forward there, with the same attention backend.
         with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
-            with torch.autocast("cuda", torch.bfloat16):
-                loss, _ = compute_loss(model, inputs)
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            train_step()
 
     started = time.perf_counter()
     for _ in range(warmup):
@@ -152,9 +219,12 @@ def run_variant(name: str, target_name: str, tokens: int, warmup: int, steps: in
         step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
+    peak, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+    if profile:
+        kernel_profile(step)
     return {"variant": name, "tokens": tokens, "step_s": statistics.median(times), "steps": times,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "model_tflop": flops / 1e12,
-            "attention_tflop": attention_flops / 1e12,
+            "peak_gib": peak, "reserved_gib": reserved, "model_tflop": flops and flops / 1e12,
+            "attention_tflop": attention_flops and attention_flops / 1e12,
             "build_s": built, "warmup_s": warm}
 
 
@@ -165,10 +235,13 @@ def main() -> None:
     parser.add_argument("--tokens", default="6144", help="video token counts, e.g. 6144,14720")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--layers", type=int, help="build only this many blocks (for --profile)")
+    parser.add_argument("--profile", action="store_true", help="after timing, print where one step's GPU time goes")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     if args.one:
-        result = run_variant(args.one, args.target, int(args.tokens), args.warmup, args.steps)
+        result = run_variant(args.one, args.target, int(args.tokens), args.warmup, args.steps, args.layers,
+                             args.profile)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -185,11 +258,16 @@ def main() -> None:
         for name in args.variants.split(","):
             command = [sys.executable, __file__, "--one", name, "--target", args.target, "--tokens", str(tokens),
                        "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            command += (["--layers", str(args.layers)] if args.layers else []) + (["--profile"] if args.profile else [])
             done = subprocess.run(command, capture_output=True, text=True)
+            print("\n".join(line for line in done.stdout.splitlines() if line.startswith("PROFILE")), flush=True)
             found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if found:
                 result = json.loads(found[-1].removeprefix("RESULT "))
-                result["mfu"] = result["model_tflop"] / result["step_s"] / rate
+                if result["model_tflop"] is None:  # the official model: the same architecture, the same FLOPs
+                    result["model_tflop"] = next((r["model_tflop"] for r in rows if r.get("model_tflop")
+                                                  and r["tokens"] == tokens), None)
+                result["mfu"] = result["model_tflop"] and result["model_tflop"] / result["step_s"] / rate
                 rows.append(result)
                 print(json.dumps(result), flush=True)
             else:
@@ -197,14 +275,15 @@ def main() -> None:
                 rows.append({"variant": name, "tokens": tokens, "error": reason})
                 print(f"{name} at {tokens} tokens failed: {reason}", flush=True)
 
-    print("\n| video tokens | variant | step s (median) | peak GiB | MFU | model TFLOP/step |")
+    print("\n| video tokens | variant | step s (median) | peak allocated GiB | peak reserved GiB | MFU |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['tokens']} | {r['variant']} | {r['error'][:40]} | | | |")
         else:
-            print(f"| {r['tokens']} | {r['variant']} | {r['step_s']:.3f} | {r['peak_gib']:.1f} | {r['mfu']:.0%} | "
-                  f"{r['model_tflop']:.0f} |")
+            mfu = f"{r['mfu']:.0%}" if r["mfu"] else ""
+            print(f"| {r['tokens']} | {r['variant']} | {r['step_s']:.3f} | {r['peak_gib']:.1f} | "
+                  f"{r['reserved_gib']:.1f} | {mfu} |")
 
 
 if __name__ == "__main__":

@@ -62,16 +62,60 @@ def test_checkpointing_the_first_blocks_recomputes_exactly_those(plain):
     assert calls == [2, 1]  # block 0 ran again in the backward, block 1 kept its activations
 
 
-@pytest.mark.parametrize("checkpointed, budget", [(0, 1.0), (0, 0.3), (2, 1.0)])
-def test_compiled_blocks_give_the_same_loss_and_gradients(plain, checkpointed, budget):
+@pytest.mark.parametrize("checkpointed, budget, aggressive", [(0, 1.0, True), (0, 1.0, False), (0, 0.3, True),
+                                                                (2, 1.0, True)])
+def test_compiled_blocks_give_the_same_loss_and_gradients(plain, checkpointed, budget, aggressive):
     torch._dynamo.reset()
     model = _model()
     checkpoint_blocks(model, checkpointed)
-    compile_blocks(model, budget, backend="aot_eager")
+    compile_blocks(model, budget, backend="aot_eager", aggressive_recomputation=aggressive)
     try:
         _same(_step(model), plain, 1e-5)
     finally:
         torch._functorch.config.activation_memory_budget = 1.0  # a global of the compiler
+
+
+def test_aggressive_recomputation_keeps_attention_and_matmul_outputs_for_the_backward():
+    """The backward recomputes elementwise work only: no attention forward and no matrix product of the forward runs
+    again (the partitioner's own list of ops it never recomputes lacks the attention SDPA runs on the CPU and cuDNN),
+    and it keeps fewer activations than the default partition."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    def partition(aggressive):
+        graphs = {}
+
+        def keep(kind):
+            def compiler(gm, example_inputs):
+                graphs.setdefault(kind, gm)
+                return gm
+            return compiler
+
+        torch._dynamo.reset()
+        model = _model()
+        backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                               partition_fn=min_cut_rematerialization_partition)
+        compile_blocks(model, backend=backend, aggressive_recomputation=aggressive)
+        _step(model)
+        return graphs
+
+    def ops(graph):
+        return [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+
+    def saved_bytes(graph):
+        outputs = next(node for node in graph.graph.nodes if node.op == "output").args[0]
+        values = [node.meta["val"] for node in outputs if isinstance(node, torch.fx.Node) and "val" in node.meta]
+        return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+
+    aggressive, default = partition(True), partition(False)
+    backward = ops(aggressive["backward"])
+    attention = [op for op in backward if "scaled_dot_product" in op]
+    assert attention and all("backward" in op for op in attention)
+    forward_matmuls = sum(op in ("aten.mm.default", "aten.addmm.default") for op in ops(aggressive["forward"]))
+    backward_matmuls = sum(op in ("aten.mm.default", "aten.addmm.default") for op in backward)
+    assert backward_matmuls == sum(op in ("aten.mm.default", "aten.addmm.default") for op in ops(default["backward"]))
+    assert forward_matmuls > 0
+    assert saved_bytes(aggressive["forward"]) < saved_bytes(default["forward"])
 
 
 def test_compiled_blocks_render_eagerly_for_sampling(tmp_path):
