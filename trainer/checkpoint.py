@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from trainer.lora import DTensor, full_tensor
+
 CHECKPOINT_FORMAT = 1
 _PREFIX = "step-"
 _TMP_SUFFIX = ".partial"
@@ -76,6 +78,34 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` with every tensor whole. Under FSDP each process holds a shard of each parameter's
+    state (DTensors), gathered here onto the CPU one tensor at a time: call it on every process, not only the one
+    that writes."""
+    state = optimizer.state_dict()
+    gathered = {index: {name: full_tensor(value).cpu() if isinstance(value, DTensor) else value
+                        for name, value in param_state.items()}
+                for index, param_state in state["state"].items()}
+    return {"state": gathered, "param_groups": state["param_groups"]}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Loads a `full_optimizer_state` (as saved); under FSDP each parameter's state is first cut into the shards of
+    that parameter (a collective: every process calls it)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {}
+    for index, param_state in state["state"].items():
+        param = params[int(index)]
+        if isinstance(param, DTensor):
+            from torch.distributed.tensor import distribute_tensor
+
+            param_state = {name: distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+                           if isinstance(value, torch.Tensor) and value.shape == param.shape else value
+                           for name, value in param_state.items()}
+        sharded[index] = param_state
+    optimizer.load_state_dict({"state": sharded, "param_groups": state["param_groups"]})
+
+
 def capture_rng() -> dict[str, torch.Tensor]:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -95,19 +125,20 @@ def save_checkpoint(
     output_dir: str | Path,
     step: int,
     adapter: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     identity: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Writes the checkpoint of `step` atomically, then deletes all but the newest `keep_last`."""
+    """Writes the checkpoint of `step` atomically, then deletes all but the newest `keep_last`. `adapter` and
+    `optimizer_state` are whole (`get_lora_state_dict`, `full_optimizer_state`), so one process writes them."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
     partial = root / (final.name + _TMP_SUFFIX)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+    optim_tensors, optim_meta = _flatten_optimizer(optimizer_state)
     save_file({k: v.contiguous() for k, v in adapter.items()}, partial / "adapter.safetensors")
     save_file(optim_tensors, partial / "optimizer.safetensors")
     save_file(capture_rng(), partial / "rng.safetensors")

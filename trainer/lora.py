@@ -13,6 +13,11 @@ import re
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without torch.distributed: nothing is ever sharded
+    DTensor = ()
+
 ADAPTER_NAME = "default"
 
 _BLOCK = r"transformer_blocks\.\d+\."
@@ -103,15 +108,24 @@ def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP-sharded one (a DTensor) is gathered from all processes, which is a collective that
+    every process must call in the same order; any other tensor is returned as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def get_lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors keyed `<module>.lora_A.weight` / `<module>.lora_B.weight` (PEFT layout, no prefix)."""
+    """The adapter's tensors keyed `<module>.lora_A.weight` / `<module>.lora_B.weight` (PEFT layout, no prefix).
+
+    Under FSDP the tensors are gathered whole from the shards: call it on every process, not only the main one."""
     state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
-    return {k: v.detach().float().contiguous() for k, v in state.items()}
+    return {k: full_tensor(v.detach()).float().contiguous() for k, v in state.items()}
 
 
 def set_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Loads tensors from `get_lora_state_dict` back; every adapter tensor must be present, and nothing else."""
-    expected = set(get_lora_state_dict(model))
+    """Loads tensors from `get_lora_state_dict` back; every adapter tensor must be present, and nothing else.
+    (Load before FSDP shards the model: the trainer does, and FSDP then shards the loaded values.)"""
+    expected = set(get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(

@@ -21,14 +21,16 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from tqdm.auto import tqdm
 
 from trainer.checkpoint import (
     CheckpointError,
     check_identity,
+    full_optimizer_state,
     list_checkpoints,
     load_checkpoint,
+    load_optimizer_state,
     restore_rng,
     save_checkpoint,
 )
@@ -84,6 +86,29 @@ def check_output_dir(output_dir: Path) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"output_dir = {str(output_dir)!r} cannot be written: {exc.strerror or exc}") from None
+
+
+def check_fsdp(cfg: RunConfig, accelerator: Accelerator) -> None:
+    """What a run sharded with FSDP (`accelerate launch --config_file configs/accelerate/fsdp.yaml`) cannot do is
+    refused before the model is built, naming the key to change."""
+    plugin = accelerator.state.fsdp_plugin
+    version = getattr(plugin, "fsdp_version", 1)  # accelerate before FSDP2 support has FSDP1 only
+    refused = []
+    if version != 2:
+        refused.append(f"fsdp_version {version} in the accelerate config: only FSDP2 is supported, set fsdp_version: "
+                       f"2 (as configs/accelerate/fsdp.yaml does)")
+    if plugin.activation_checkpointing:
+        refused.append("fsdp_activation_checkpointing: true in the accelerate config: the trainer checkpoints the "
+                       "blocks itself (train.gradient_checkpointing); set it to false")
+    if cfg.validation.prompts:
+        refused.append("validation is not supported with FSDP (the sharded transformer cannot render on the main "
+                       "process alone): remove validation.prompts, and render the exported LoRA afterwards with "
+                       "`ltx-lora sample CONFIG --lora FILE`")
+    if cfg.optim.optimizer == "adamw8bit":
+        refused.append("optim.optimizer = 'adamw8bit' is not supported with FSDP (bitsandbytes does not take "
+                       "sharded parameters); use 'adamw'")
+    if refused:
+        raise ConfigError("FSDP: " + "\n  ".join(refused))
 
 
 def open_dataset(cfg: RunConfig, target: ModelTarget, accelerator: Accelerator) -> LatentCache:
@@ -211,6 +236,14 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
         project_dir=str(output_dir),
         kwargs_handlers=[ddp_kwargs],
     )
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        check_fsdp(cfg, accelerator)
+        # No FSDP casts: the frozen base stays bf16 and the LoRA fp32 (each gathered in its own dtype, the LoRA
+        # gradients reduced in fp32) and the forward runs under autocast below, the same numerics as DDP.
+        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy()
     source = data_source or cfg.data.source
     if source is not None:
         preprocess(cfg, source, progress=progress)
@@ -221,9 +254,11 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
 
     # Before the transformer: validation encodes its prompts now and frees the text encoder.
     validator = Validator(cfg, accelerator)
+    # With FSDP the weights load into host memory and FSDP moves each block's shard to the GPU (one whole block at
+    # a time), so no GPU ever holds the whole model.
     model = build_transformer(
         target, cfg.model.checkpoint, cfg.model.init_seed, torch.bfloat16 if use_bf16 else torch.float32,
-        accelerator.device,
+        torch.device("cpu") if fsdp else accelerator.device,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -244,12 +279,16 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     params = lora_parameters(model)
     optimizer = build_optimizer(params, cfg, accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    if checkpoint is not None:
+        set_lora_state_dict(model, checkpoint.adapter)  # before FSDP shards the model: it shards the loaded values
     model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:
+        params = lora_parameters(model)  # FSDP replaced them with sharded ones (and so did the optimizer's)
+        logger.info("FSDP: each of %d blocks sharded over %d processes", blocks, accelerator.num_processes)
 
     start_step = 0
     if checkpoint is not None:
-        set_lora_state_dict(accelerator.unwrap_model(model), checkpoint.adapter)
-        optimizer.load_state_dict(checkpoint.optimizer_state)
+        load_optimizer_state(optimizer, checkpoint.optimizer_state)
         scheduler.load_state_dict(checkpoint.scheduler_state)
         restore_rng(checkpoint.rng)
         start_step = checkpoint.step
@@ -301,7 +340,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
                 generator = noise_generator(cfg.train.seed, micro_batch)
                 inputs = build_step_inputs(batch, cfg.mode, generator, cfg.conditioning.first_frame_p)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
-                    loss, parts = compute_loss(model, inputs)
+                    # accelerate puts the model's forward under autocast itself, except with FSDP
+                    with accelerator.autocast() if fsdp else nullcontext():
+                        loss, parts = compute_loss(model, inputs)
                     accelerator.backward(loss / accum)
                 loss_sum += loss.detach() / accum
                 for name, value in parts.items():
@@ -344,15 +385,18 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
             validator.after_step(step, model)
     except KeyboardInterrupt:
         bar.close()
-        if step > start_step and bad_steps == 0:
+        # Not under FSDP: Ctrl-C stops the processes inside different collectives, so gathering the shards now could
+        # hang or pair the wrong tensors; the last regular checkpoint is the one to resume from.
+        if step > start_step and bad_steps == 0 and not fsdp:
             last_saved = _save(accelerator, model, optimizer, scheduler, cfg, identity, step) or last_saved
         logger.warning("interrupted at step %d; checkpoint %s; continue with --resume", step, last_saved)
         raise
     bar.close()
 
     exported: list[Path] = []
+    adapter = get_lora_state_dict(accelerator.unwrap_model(model))  # on every process: FSDP gathers the shards
     if accelerator.is_main_process:
-        exported = export_run(cfg, get_lora_state_dict(accelerator.unwrap_model(model)), output_dir)
+        exported = export_run(cfg, adapter, output_dir)
         for path in exported:
             logger.info("exported %s", path)
     accelerator.end_training()
@@ -360,8 +404,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
 
 
 def _save(accelerator, model, optimizer, scheduler, cfg: RunConfig, identity: dict[str, Any], step: int) -> Path | None:
+    # Gathered on every process (under FSDP each holds only shards), written by the main one.
+    adapter = get_lora_state_dict(accelerator.unwrap_model(model))
+    optimizer_state = full_optimizer_state(optimizer)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
-    adapter = get_lora_state_dict(accelerator.unwrap_model(model))
-    return save_checkpoint(cfg.output_dir, step, adapter, optimizer, scheduler, identity, cfg.train.keep_last)
+    return save_checkpoint(cfg.output_dir, step, adapter, optimizer_state, scheduler, identity, cfg.train.keep_last)
