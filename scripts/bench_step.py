@@ -22,7 +22,8 @@ Variants:
   a `-triton` part routes attention through our fused Triton kernel (kernels: triton), e.g. compiled-ckpt-triton;
   a `-noagg` part turns off the partitioner's aggressive recomputation (on in the trainer: recompute every cheap
   elementwise op rather than keep its output), e.g. compiled-noagg; a `-pertoken` part passes the timesteps per
-  token, as before they were given once per sample; a `-cg` part replays the compiled blocks as CUDA graphs.
+  token, as before they were given once per sample; a `-cg` part replays the compiled blocks as CUDA graphs;
+  an `-fp8` part runs the frozen base Linears in fp8 (train.fp8), e.g. compiled-ckpt12-fp8.
 `--layers N` builds N blocks instead of 48 and `--profile` prints where one step's GPU time goes, e.g.
 
     python scripts/bench_step.py --variants ltxcore-eager-ckpt,compiled-ckpt,compiled-ckpt12,compiled --steps 3
@@ -118,6 +119,11 @@ def apply_variant(model, name: str) -> None:
             aggressive = False
         elif part == "cg":
             cuda_graphs = True
+        elif part == "fp8":
+            from trainer.fp8 import use_fp8_base_linears
+
+            use_fp8_base_linears(model)
+            torch.cuda.empty_cache()
         elif part == "pertoken":
             pass  # handled where the inputs are built
         elif part == "triton":

@@ -98,3 +98,5 @@ def test_fsdp_refuses_what_it_cannot_do_naming_the_keys():
         check_fsdp(cfg, accelerator(fsdp_version=2, activation_checkpointing=True))
     with pytest.raises(ConfigError, match=r"optim\.optimizer = 'adamw8bit'"):
         check_fsdp(resolve({**cfg.dump(), "optim": {"optimizer": "adamw8bit"}}), accelerator(**supported))
+    with pytest.raises(ConfigError, match=r"train\.fp8 is not supported with FSDP"):
+        check_fsdp(resolve({**cfg.dump(), "train": {"fp8": True}}), accelerator(**supported))

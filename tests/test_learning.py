@@ -1,9 +1,11 @@
 """A LoRA must learn: a teacher (tiny base + a planted low-rank delta) makes the targets, and training a LoRA on the
 base with the project's own step inputs and optimizer recovers most of the teacher's behaviour."""
 
+import pytest
 import torch
 
 from trainer.config import resolve
+from trainer.fp8 import use_fp8_base_linears
 from trainer.lora import inject_lora, lora_parameters, matching_modules
 from trainer.models.registry import TARGETS, build_random_transformer
 from trainer.modes import build_step_inputs
@@ -43,7 +45,8 @@ def _gap(model, teacher, seeds):
     return total / len(seeds)
 
 
-def test_lora_recovers_a_planted_low_rank_delta():
+@pytest.mark.parametrize("fp8", [False, True], ids=["full-precision", "fp8-base"])
+def test_lora_recovers_a_planted_low_rank_delta(fp8):
     teacher = build_random_transformer(TARGET, seed=0)
     student = build_random_transformer(TARGET, seed=0)
     planted = torch.Generator().manual_seed(1)
@@ -61,6 +64,8 @@ def test_lora_recovers_a_planted_low_rank_delta():
 
     torch.manual_seed(0)
     inject_lora(student, rank=4, alpha=4, dropout=0.0, targets="audio-video")
+    if fp8:  # converges as well as in full precision: the same bound (train.fp8)
+        use_fp8_base_linears(student)
     cfg = resolve({"output_dir": "unused", "model": {"target": TARGET.name}, "data": {"cache_dir": "unused"},
                    "optim": {"learning_rate": 5e-3, "weight_decay": 0.0}})
     optimizer = build_optimizer(lora_parameters(student), cfg, torch.device("cpu"))

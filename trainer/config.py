@@ -138,6 +138,9 @@ class TrainSection(_Strict):
     # Compiled blocks that are not checkpointed keep at most this fraction of their activations for the backward and
     # recompute the cheapest of the rest (1 = keep all). Only with compile.
     activation_memory_budget: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # Frozen base Linears of the blocks in fp8 (e4m3, trainer/fp8.py): half their weight memory; GPUs with fp8 tensor
+    # cores (compute capability 8.9+). LoRA adapters stay in full precision.
+    fp8: bool = False
     # auto: bf16 on CUDA, fp32 on CPU.
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     seed: int = 42

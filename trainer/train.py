@@ -48,6 +48,7 @@ from trainer.lora import (
     set_lora_state_dict,
 )
 from trainer.export import export_run
+from trainer.fp8 import check_fp8_device, use_fp8_base_linears
 from trainer.models.registry import ModelTarget, build_transformer, check_checkpoint, get_target
 from trainer.modes import MODE_SPECS, build_step_inputs, compute_loss, isolated_groups
 from trainer.performance import checkpoint_blocks, compile_blocks
@@ -107,6 +108,9 @@ def check_fsdp(cfg: RunConfig, accelerator: Accelerator) -> None:
     if cfg.optim.optimizer == "adamw8bit":
         refused.append("optim.optimizer = 'adamw8bit' is not supported with FSDP (bitsandbytes does not take "
                        "sharded parameters); use 'adamw'")
+    if cfg.train.fp8:
+        refused.append("train.fp8 is not supported with FSDP (the fp8 weights are buffers, which FSDP does not "
+                       "shard); set train.fp8: false, or train with DDP")
     if refused:
         raise ConfigError("FSDP: " + "\n  ".join(refused))
 
@@ -267,6 +271,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     if idle:
         logger.warning("mode %s isolates one stream: the %d adapters on its modules (e.g. %s) will not learn",
                        cfg.mode, len(idle), idle[0])
+    if cfg.train.fp8:
+        check_fp8_device(accelerator.device)
+        logger.info("fp8: %d frozen Linears of the blocks now in fp8", use_fp8_base_linears(model))
     if cfg.kernels == "triton":
         from kernels.install import install_attention  # imports Triton, which only this path needs
 
