@@ -5,11 +5,14 @@
 #   ddp         with two or more GPUs: the same run under DDP through `accelerate launch`
 #   preprocess  with two or more GPUs: the demo data preprocessed by one process and, into another cache, by two
 #               (`accelerate launch`); the caches must hold the same samples with the same latents
+#   fsdp        with two or more GPUs: one process accumulating 2 micro-batches against DDP and FSDP
+#               (configs/accelerate/*.yaml) with 2 processes, the FSDP run stopped at step 10 and resumed; prints
+#               the losses side by side and the LoRAs' largest relative difference (bf16: about 1e-3 expected)
 # Logs go to $OUT (or ./gpu-check); run directories to a temporary folder.
 set -euo pipefail
 out=${OUT:-gpu-check}
 work=$(mktemp -d)
-steps=${*:-tests smoke ddp preprocess}
+steps=${*:-tests smoke ddp preprocess fsdp}
 gpus=$(nvidia-smi -L | wc -l)
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpus.txt"
@@ -35,6 +38,30 @@ for step in $steps; do
                 2>&1 | tr '\r' '\n' | grep -v 'it/s\]$' | tee "$out/preprocess-$procs.log"
         done
         python scripts/compare_caches.py "$work/cache-1" "$work/cache-2" 2>&1 | tee "$out/preprocess-compare.log" ;;
-    *) echo "unknown step $step (tests, smoke, ddp, preprocess)"; exit 2 ;;
+    fsdp)
+        [ "$gpus" -ge 2 ] || continue
+        same=(configs/smoke.yaml --set train.steps=20 --set train.log_every=1 --set train.checkpoint_every=10
+              --set 'validation.prompts=[]' --set data.cache_dir="$work/cache" --set data.source="$work/demo")
+        python -m trainer.cli train "${same[@]}" --set output_dir="$work/one" --set train.gradient_accumulation_steps=2
+        for launcher in ddp fsdp; do
+            accelerate launch --config_file configs/accelerate/$launcher.yaml -m trainer.cli train "${same[@]}" \
+                --set output_dir="$work/$launcher" $([ $launcher = fsdp ] && echo --set train.steps=10)
+        done
+        accelerate launch --config_file configs/accelerate/fsdp.yaml -m trainer.cli train "${same[@]}" \
+            --set output_dir="$work/fsdp" --resume
+        python - "$work" <<'PY' 2>&1 | tee "$out/fsdp-compare.log"
+import json, sys
+from safetensors.torch import load_file
+work = sys.argv[1]
+runs = {r: [json.loads(l) for l in open(f"{work}/{r}/metrics.jsonl")] for r in ("one", "ddp", "fsdp")}
+for a, b, c in zip(*runs.values()):
+    print(a["step"], a["loss"], b["loss"], c["loss"])
+one = load_file(f"{work}/one/smoke_lora.safetensors")
+for r in ("ddp", "fsdp"):
+    other = load_file(f"{work}/{r}/smoke_lora.safetensors")
+    print(r, max(((other[k] - one[k]).norm() / one[k].norm()).item() for k in one))
+PY
+        ;;
+    *) echo "unknown step $step (tests, smoke, ddp, preprocess, fsdp)"; exit 2 ;;
     esac
 done
