@@ -1,10 +1,11 @@
 """fp8 matrix products for the frozen base Linears of the transformer blocks (`train.fp8`).
 
 LoRA trains adapters beside frozen weights, so the base Linears never need a weight gradient: their forward and
-their input gradient are the two products left, and both can run on the fp8 tensor cores of H100/H200 (and Ada)
-GPUs at twice the bf16 rate. Each frozen weight is stored once in float8 e4m3 with one scale per output channel
-(half the bytes of bf16); each input, and each incoming gradient, is quantized per row (per token) on the fly, so one
-outlier token does not cost the others their precision. The LoRA adapters beside them are untouched: they see the
+their input gradient are the two products left, and both run on the fp8 tensor cores of H100/H200 (and Ada) GPUs.
+Each frozen weight is stored once in float8 e4m3 with one scale per output channel: half the bytes of bf16, which
+is the point of it for now (the quantizing passes make the step no faster yet: docs/benchmarks.md). Each input,
+and each incoming gradient, is quantized per row (per token) on the fly, so one outlier token does not cost the
+others their precision. The LoRA adapters beside them are untouched: they see the
 unquantized input and train in full precision.
 
 Error (tests/test_fp8.py): a product's output and input gradient stay within 5% (norm-wise relative error) of the
