@@ -23,7 +23,9 @@ Variants:
   a `-noagg` part turns off the partitioner's aggressive recomputation (on in the trainer: recompute every cheap
   elementwise op rather than keep its output), e.g. compiled-noagg; a `-pertoken` part passes the timesteps per
   token, as before they were given once per sample; a `-cg` part replays the compiled blocks as CUDA graphs;
-  an `-fp8` part runs the frozen base Linears in fp8 (train.fp8), e.g. compiled-ckpt12-fp8.
+  an `-fp8` part runs the frozen base Linears in fp8 (train.fp8), e.g. compiled-ckpt12-fp8; an `-ff` (or `-ffK`)
+  part recomputes the video feed-forward's hidden activation in the blocks not checkpointed (the first K of them;
+  train.recompute_feedforward), e.g. compiled-ff or compiled-ckpt4-ff.
 `--layers N` builds N blocks instead of 48 and `--profile` prints where one step's GPU time goes, e.g.
 
     python scripts/bench_step.py --variants ltxcore-eager-ckpt,compiled-ckpt,compiled-ckpt12,compiled --steps 3
@@ -46,7 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from trainer.lora import inject_lora, lora_parameters
 from trainer.models.registry import TARGETS, build_random_transformer
 from trainer.modes import build_step_inputs, compute_loss
-from trainer.performance import checkpoint_blocks, compile_blocks
+from trainer.performance import checkpoint_blocks, compile_blocks, recompute_feedforward
 
 # The video feed-forward's names do not match the audio one's (`audio_ff.net.2`): both are listed.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "audio_ff.net.0.proj",
@@ -110,9 +112,14 @@ def apply_variant(model, name: str) -> None:
     if mode not in ("eager", "compiled"):
         raise SystemExit(f"unknown variant {name!r}: starts with eager or compiled")
     budget, aggressive, cuda_graphs = 1.0, True, False
+    blocks, checkpointed = len(model.transformer_blocks), 0
     for part in parts:
         if part.startswith("ckpt"):
-            checkpoint_blocks(model, int(part[4:]) if part[4:] else len(model.transformer_blocks))
+            checkpointed = int(part[4:]) if part[4:] else blocks
+            checkpoint_blocks(model, checkpointed)
+        elif part.startswith("ff"):  # after any ckpt part: the blocks it left
+            recompute_feedforward(model, range(checkpointed, min(blocks, checkpointed + int(part[2:]))
+                                               if part[2:] else blocks))
         elif part.startswith("budget") and mode == "compiled":
             budget = float(part[6:])
         elif part == "noagg":

@@ -8,7 +8,7 @@ import torch._functorch.config
 from trainer.lora import inject_lora, lora_parameters
 from trainer.models.registry import TARGETS, build_random_transformer
 from trainer.modes import build_step_inputs, compute_loss
-from trainer.performance import checkpoint_blocks, compile_blocks
+from trainer.performance import checkpoint_blocks, compile_blocks, recompute_feedforward
 
 TARGETS_LIST = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 
@@ -62,12 +62,24 @@ def test_checkpointing_the_first_blocks_recomputes_exactly_those(plain):
     assert calls == [2, 1]  # block 0 ran again in the backward, block 1 kept its activations
 
 
-@pytest.mark.parametrize("checkpointed, budget, aggressive", [(0, 1.0, True), (0, 1.0, False), (0, 0.3, True),
-                                                                (2, 1.0, True)])
-def test_compiled_blocks_give_the_same_loss_and_gradients(plain, checkpointed, budget, aggressive):
+def test_a_recomputed_feedforward_gives_the_same_loss_and_gradients(plain):
+    model = _model()
+    recompute_feedforward(model, range(2))
+    calls = []
+    for block in model.transformer_blocks:
+        block.ff.net[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    _same(_step(model), plain, 1e-6)
+    assert len(calls) == 4  # each block's up-projection ran again in the backward
+    assert {name for name, _ in model.named_parameters()} == {name for name, _ in _model().named_parameters()}
+
+
+@pytest.mark.parametrize("checkpointed, budget, aggressive, feedforward", [
+    (0, 1.0, True, 0), (0, 1.0, False, 0), (0, 0.3, True, 0), (2, 1.0, True, 0), (0, 1.0, True, 2)])
+def test_compiled_blocks_give_the_same_loss_and_gradients(plain, checkpointed, budget, aggressive, feedforward):
     torch._dynamo.reset()
     model = _model()
     checkpoint_blocks(model, checkpointed)
+    recompute_feedforward(model, range(feedforward))
     compile_blocks(model, budget, backend="aot_eager", aggressive_recomputation=aggressive)
     try:
         _same(_step(model), plain, 1e-5)
@@ -75,47 +87,61 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(plain, checkpointed, b
         torch._functorch.config.activation_memory_budget = 1.0  # a global of the compiler
 
 
+def _partition(aggressive=True, feedforward=False):
+    """The forward and backward graphs the compiler makes of a block."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs.setdefault(kind, gm)
+            return gm
+        return compiler
+
+    torch._dynamo.reset()
+    model = _model()
+    if feedforward:
+        recompute_feedforward(model, range(len(model.transformer_blocks)))
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                           partition_fn=min_cut_rematerialization_partition)
+    compile_blocks(model, backend=backend, aggressive_recomputation=aggressive)
+    _step(model)
+    return graphs
+
+
+def _ops(graph):
+    return [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+
+
+def _products(graph):
+    return sum(op in ("aten.mm.default", "aten.addmm.default") for op in _ops(graph))
+
+
+def _saved_bytes(graph):
+    outputs = next(node for node in graph.graph.nodes if node.op == "output").args[0]
+    values = [node.meta["val"] for node in outputs if isinstance(node, torch.fx.Node) and "val" in node.meta]
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+
+
 def test_aggressive_recomputation_keeps_attention_and_matmul_outputs_for_the_backward():
     """The backward recomputes elementwise work only: no attention forward and no matrix product of the forward runs
     again (the partitioner's own list of ops it never recomputes lacks the attention SDPA runs on the CPU and cuDNN),
     and it keeps fewer activations than the default partition."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
-    def partition(aggressive):
-        graphs = {}
-
-        def keep(kind):
-            def compiler(gm, example_inputs):
-                graphs.setdefault(kind, gm)
-                return gm
-            return compiler
-
-        torch._dynamo.reset()
-        model = _model()
-        backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
-                               partition_fn=min_cut_rematerialization_partition)
-        compile_blocks(model, backend=backend, aggressive_recomputation=aggressive)
-        _step(model)
-        return graphs
-
-    def ops(graph):
-        return [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
-
-    def saved_bytes(graph):
-        outputs = next(node for node in graph.graph.nodes if node.op == "output").args[0]
-        values = [node.meta["val"] for node in outputs if isinstance(node, torch.fx.Node) and "val" in node.meta]
-        return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
-
-    aggressive, default = partition(True), partition(False)
-    backward = ops(aggressive["backward"])
-    attention = [op for op in backward if "scaled_dot_product" in op]
+    aggressive, default = _partition(True), _partition(False)
+    attention = [op for op in _ops(aggressive["backward"]) if "scaled_dot_product" in op]
     assert attention and all("backward" in op for op in attention)
-    forward_matmuls = sum(op in ("aten.mm.default", "aten.addmm.default") for op in ops(aggressive["forward"]))
-    backward_matmuls = sum(op in ("aten.mm.default", "aten.addmm.default") for op in backward)
-    assert backward_matmuls == sum(op in ("aten.mm.default", "aten.addmm.default") for op in ops(default["backward"]))
-    assert forward_matmuls > 0
-    assert saved_bytes(aggressive["forward"]) < saved_bytes(default["forward"])
+    assert _products(aggressive["backward"]) == _products(default["backward"]) and _products(aggressive["forward"])
+    assert _saved_bytes(aggressive["forward"]) < _saved_bytes(default["forward"])
+
+
+def test_a_recomputed_feedforward_keeps_less_for_one_more_up_projection():
+    """Only the feed-forward's up-projection (its base product and the two rank-r LoRA products beside it, and the
+    down-projection's rank-r LoRA input product) runs again: the down-projection's base product does not."""
+    plain, recomputed = _partition(), _partition(feedforward=True)
+    assert _products(recomputed["backward"]) - _products(plain["backward"]) == 4
+    assert _saved_bytes(recomputed["forward"]) < _saved_bytes(plain["forward"])
 
 
 def test_compiled_blocks_render_eagerly_for_sampling(tmp_path):

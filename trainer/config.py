@@ -133,6 +133,9 @@ class TrainSection(_Strict):
     gradient_accumulation_steps: PositiveInt = 1
     # Recompute blocks in the backward pass: true (every block), false, or how many blocks (the first ones).
     gradient_checkpointing: bool | Annotated[int, Field(ge=0)] = True
+    # Of the blocks not checkpointed, recompute the video feed-forward's hidden activation in the backward: true (all
+    # of them), false, or how many (the first ones). Cheaper per GiB than checkpointing whole blocks.
+    recompute_feedforward: bool | Annotated[int, Field(ge=0)] = False
     # torch.compile each transformer block (one graph serves all): auto = on CUDA GPUs, off on the CPU.
     compile: Literal["auto"] | bool = "auto"
     # Compiled blocks that are not checkpointed keep at most this fraction of their activations for the backward and

@@ -51,7 +51,7 @@ from trainer.export import export_run
 from trainer.fp8 import check_fp8_device, use_fp8_base_linears
 from trainer.models.registry import ModelTarget, build_transformer, check_checkpoint, get_target
 from trainer.modes import MODE_SPECS, build_step_inputs, compute_loss, isolated_groups
-from trainer.performance import checkpoint_blocks, compile_blocks
+from trainer.performance import checkpoint_blocks, compile_blocks, recompute_feedforward
 from trainer.sample import Validator
 
 logger = logging.getLogger("ltx_lora")
@@ -279,8 +279,12 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
 
         install_attention(model)
     blocks = len(model.transformer_blocks)
-    checkpointed = cfg.train.gradient_checkpointing
-    checkpoint_blocks(model, blocks if checkpointed is True else int(checkpointed))
+    checkpointed = min(blocks, blocks if cfg.train.gradient_checkpointing is True else
+                       int(cfg.train.gradient_checkpointing))
+    checkpoint_blocks(model, checkpointed)
+    feedforward = cfg.train.recompute_feedforward
+    recompute_feedforward(model, range(checkpointed, blocks if feedforward is True else
+                                       min(blocks, checkpointed + int(feedforward))))
     if cfg.train.compile is True or (cfg.train.compile == "auto" and accelerator.device.type == "cuda"):
         compile_blocks(model, cfg.train.activation_memory_budget)
     params = lora_parameters(model)
