@@ -118,8 +118,7 @@ def apply_variant(model, name: str) -> None:
             checkpointed = int(part[4:]) if part[4:] else blocks
             checkpoint_blocks(model, checkpointed)
         elif part.startswith("ff"):  # after any ckpt part: the blocks it left
-            recompute_feedforward(model, range(checkpointed, min(blocks, checkpointed + int(part[2:]))
-                                               if part[2:] else blocks))
+            recompute_feedforward(model, int(part[2:]) if part[2:] else blocks, after=checkpointed)
         elif part.startswith("budget") and mode == "compiled":
             budget = float(part[6:])
         elif part == "noagg":

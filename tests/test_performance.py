@@ -64,12 +64,15 @@ def test_checkpointing_the_first_blocks_recomputes_exactly_those(plain):
 
 def test_a_recomputed_feedforward_gives_the_same_loss_and_gradients(plain):
     model = _model()
-    recompute_feedforward(model, range(2))
+    recompute_feedforward(model, 2)
     calls = []
     for block in model.transformer_blocks:
         block.ff.net[0].register_forward_pre_hook(lambda *_: calls.append(1))
     _same(_step(model), plain, 1e-6)
     assert len(calls) == 4  # each block's up-projection ran again in the backward
+    later = _model()
+    recompute_feedforward(later, 5, after=1)  # only the blocks that exist after the first
+    assert ["forward" in vars(block.ff) for block in later.transformer_blocks] == [False, True]
     assert {name for name, _ in model.named_parameters()} == {name for name, _ in _model().named_parameters()}
 
 
@@ -79,7 +82,7 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(plain, checkpointed, b
     torch._dynamo.reset()
     model = _model()
     checkpoint_blocks(model, checkpointed)
-    recompute_feedforward(model, range(feedforward))
+    recompute_feedforward(model, feedforward)
     compile_blocks(model, budget, backend="aot_eager", aggressive_recomputation=aggressive)
     try:
         _same(_step(model), plain, 1e-5)
@@ -103,7 +106,7 @@ def _partition(aggressive=True, feedforward=False):
     torch._dynamo.reset()
     model = _model()
     if feedforward:
-        recompute_feedforward(model, range(len(model.transformer_blocks)))
+        recompute_feedforward(model, len(model.transformer_blocks))
     backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
                            partition_fn=min_cut_rematerialization_partition)
     compile_blocks(model, backend=backend, aggressive_recomputation=aggressive)

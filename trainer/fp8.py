@@ -5,8 +5,8 @@ their input gradient are the two products left, and both run on the fp8 tensor c
 Each frozen weight is stored once in float8 e4m3 with one scale per output channel: half the bytes of bf16, which
 is the point of it for now (the quantizing passes make the step no faster yet: docs/benchmarks.md). Each input,
 and each incoming gradient, is quantized per row (per token) on the fly, so one outlier token does not cost the
-others their precision. The LoRA adapters beside them are untouched: they see the
-unquantized input and train in full precision.
+others their precision. The LoRA adapters beside them are untouched: they see the unquantized input and train in
+full precision.
 
 Error (tests/test_fp8.py): a product's output and input gradient stay within 5% (norm-wise relative error) of the
 bf16 product at random inputs, typically 3-4%; the tiny model learns a planted LoRA as well as without fp8.
@@ -56,9 +56,8 @@ class Fp8Linear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-        self.register_buffer("weight", (weight / scale).to(FP8))
+        weight, scale = _quantize_rows(linear.weight.detach())  # a row of the weight is an output channel
+        self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
 

@@ -36,13 +36,14 @@ def checkpoint_blocks(model: torch.nn.Module, blocks: int) -> None:
     model.enable_gradient_checkpointing(gradient_checkpointing_func=run)
 
 
-def recompute_feedforward(model: torch.nn.Module, blocks: range) -> None:
-    """The video feed-forward of the given blocks keeps only its input: its [tokens, 4 x dim] hidden activation (the
-    largest tensor a block keeps, a fifth of its activations) is recomputed in the backward from that input, at the
-    cost of one more up-projection product. Cheaper per GiB saved than checkpointing whole blocks. The module tree,
-    and so every LoRA key, stays the same: only the feed-forward's `forward` is wrapped."""
-    for index in blocks:
-        feedforward = model.transformer_blocks[index].ff
+def recompute_feedforward(model: torch.nn.Module, blocks: int, after: int = 0) -> None:
+    """The video feed-forward of `blocks` blocks, those after the first `after` (the ones checkpointed whole), keeps
+    only its input: its [tokens, 4 x dim] hidden activation (the largest tensor a block keeps, a fifth of its
+    activations) is recomputed in the backward from that input, at the cost of one more up-projection product.
+    Cheaper per GiB saved than checkpointing whole blocks. The module tree, and so every LoRA key, stays the same:
+    only the feed-forward's `forward` is wrapped."""
+    for block in list(model.transformer_blocks)[after:after + blocks]:
+        feedforward = block.ff
         forward = feedforward.forward
         feedforward.forward = lambda x, *args, forward=forward, **kwargs: checkpoint(
             forward, x, *args, use_reentrant=False, **kwargs)

@@ -279,12 +279,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
 
         install_attention(model)
     blocks = len(model.transformer_blocks)
-    checkpointed = min(blocks, blocks if cfg.train.gradient_checkpointing is True else
-                       int(cfg.train.gradient_checkpointing))
+    checkpointed = blocks if cfg.train.gradient_checkpointing is True else int(cfg.train.gradient_checkpointing)
     checkpoint_blocks(model, checkpointed)
     feedforward = cfg.train.recompute_feedforward
-    recompute_feedforward(model, range(checkpointed, blocks if feedforward is True else
-                                       min(blocks, checkpointed + int(feedforward))))
+    recompute_feedforward(model, blocks if feedforward is True else int(feedforward), after=checkpointed)
     if cfg.train.compile is True or (cfg.train.compile == "auto" and accelerator.device.type == "cuda"):
         compile_blocks(model, cfg.train.activation_memory_budget)
     params = lora_parameters(model)
