@@ -408,6 +408,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
         exported = export_run(cfg, adapter, output_dir)
         for path in exported:
             logger.info("exported %s", path)
+    # Every process reaches the end before any takes the process group down (end_training destroys it): a process
+    # that tore it down while the main one was still exporting once aborted at exit under FSDP on gloo.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir=output_dir, final_step=step, exported=exported, losses=losses)
 
