@@ -1,6 +1,9 @@
 """Every speed switch keeps the results: checkpointed and compiled blocks (with an activation memory budget) give the
 tiny model the same loss and LoRA gradients as the plain one."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch._functorch.config
@@ -8,6 +11,7 @@ import torch._functorch.config
 from trainer.lora import inject_lora, lora_parameters
 from trainer.models.registry import TARGETS, build_random_transformer
 from trainer.modes import build_step_inputs, compute_loss
+from trainer.offload import _Offloaded
 from trainer.performance import checkpoint_blocks, compile_blocks, recompute_feedforward
 
 TARGETS_LIST = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -76,16 +80,79 @@ def test_a_recomputed_feedforward_gives_the_same_loss_and_gradients(plain):
     assert {name for name, _ in model.named_parameters()} == {name for name, _ in _model().named_parameters()}
 
 
-@pytest.mark.parametrize("checkpointed, budget, aggressive, feedforward", [
-    (0, 1.0, True, 0), (0, 1.0, False, 0), (0, 0.3, True, 0), (2, 1.0, True, 0), (0, 1.0, True, 2)])
-def test_compiled_blocks_give_the_same_loss_and_gradients(plain, checkpointed, budget, aggressive, feedforward):
+def _count_offloads(offload):
+    """Records, per saved tensor, whether it went to host memory, and per unpack whether it was back already."""
+    moved, early = [], []
+    pack, unpack = offload._pack, offload._unpack
+
+    def counting_pack(tensor, index):
+        saved = pack(tensor, index)
+        if saved is not tensor:
+            moved.append(weakref.ref(tensor))
+        return saved
+
+    def counting_unpack(saved):
+        if isinstance(saved, _Offloaded):
+            early.append(saved.on_device is not None)
+        return unpack(saved)
+
+    offload._pack, offload._unpack = counting_pack, counting_unpack
+    offload.min_bytes = 0  # the tiny model's tensors are all small
+    return moved, early
+
+
+def test_offloaded_blocks_free_their_saved_tensors_and_get_them_back_ahead_of_their_backward(plain):
+    model = _model()
+    offload = checkpoint_blocks(model, 0, offloaded=1)
+    assert offload.offloaded == {0}
+    moved, early = _count_offloads(offload)
+    loss, grads = _step(model)
+    _same((loss, grads), plain, 0)  # the same tensors come back
+    assert moved and offload.offloaded_bytes > 0
+    assert early and all(early)  # block 1's backward brought block 0's tensors back before they were needed
+    assert offload.pending == {}
+
+
+def test_offloaded_tensors_leave_the_device_memory_during_the_forward():
+    model = _model()
+    offload = checkpoint_blocks(model, 0, offloaded=1)
+    moved, _ = _count_offloads(offload)
+    g = torch.Generator().manual_seed(0)
+    target = TARGETS["tiny-ltx-2.3"]
+    batch = {"video_latents": torch.randn(1, 128, 3, 2, 3, generator=g),
+             "audio_latents": torch.randn(1, 8, 5, 16, generator=g),
+             "video_text_embeds": torch.randn(1, 6, target.video_text_dim, generator=g),
+             "audio_text_embeds": torch.randn(1, 6, target.audio_text_dim, generator=g),
+             "text_mask": torch.ones(1, 6, dtype=torch.long), "fps": 24.0}
+    loss, _ = compute_loss(model, build_step_inputs(batch, "text-to-audio-video", torch.Generator().manual_seed(1)))
+    gc.collect()
+    assert moved and not [ref for ref in moved if ref() is not None]  # only the host copies are left
+    loss.backward()
+
+
+def test_offload_counts_only_blocks_that_exist_after_the_checkpointed_ones():
+    model = _model()
+    assert checkpoint_blocks(model, 1, offloaded=5).offloaded == {1}
+    assert checkpoint_blocks(model, 2, offloaded=5) is None and model.gradient_checkpointing
+    assert checkpoint_blocks(model, 0, offloaded=0) is None and not model.gradient_checkpointing
+
+
+@pytest.mark.parametrize("checkpointed, budget, aggressive, feedforward, offloaded", [
+    (0, 1.0, True, 0, 0), (0, 1.0, False, 0, 0), (0, 0.3, True, 0, 0), (2, 1.0, True, 0, 0), (0, 1.0, True, 2, 0),
+    (0, 1.0, True, 0, 1), (1, 1.0, True, 1, 1)])
+def test_compiled_blocks_give_the_same_loss_and_gradients(plain, checkpointed, budget, aggressive, feedforward,
+                                                          offloaded):
     torch._dynamo.reset()
     model = _model()
-    checkpoint_blocks(model, checkpointed)
-    recompute_feedforward(model, feedforward)
+    offload = checkpoint_blocks(model, checkpointed, offloaded)
+    if offload:
+        moved, early = _count_offloads(offload)
+    recompute_feedforward(model, feedforward, after=checkpointed)
     compile_blocks(model, budget, backend="aot_eager", aggressive_recomputation=aggressive)
     try:
         _same(_step(model), plain, 1e-5)
+        if offload:
+            assert moved and early
     finally:
         torch._functorch.config.activation_memory_budget = 1.0  # a global of the compiler
 

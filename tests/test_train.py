@@ -243,19 +243,21 @@ def test_ic_lora_records_its_reference_factors_and_refuses_a_cache_taken_at_othe
 
 def test_speed_switches_reach_the_model(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(train_module, "checkpoint_blocks", lambda model, blocks: calls.append(("checkpoint", blocks)))
+    monkeypatch.setattr(train_module, "checkpoint_blocks",
+                        lambda model, blocks, offloaded: calls.append(("checkpoint", blocks, offloaded)))
     monkeypatch.setattr(train_module, "compile_blocks", lambda model, budget: calls.append(("compile", budget)))
     monkeypatch.setattr(train_module, "recompute_feedforward", lambda model, blocks, after: calls.append(("ff", blocks, after)))
     train(resolve(_config(tmp_path / "a", train={"steps": 1, "gradient_checkpointing": 1})), progress=False)
-    assert calls == [("checkpoint", 1), ("ff", 0, 1)]  # compile: auto is off on the CPU
+    assert calls == [("checkpoint", 1, 0), ("ff", 0, 1)]  # compile: auto is off on the CPU
     calls.clear()
     train(resolve(_config(tmp_path / "c", train={"steps": 1, "gradient_checkpointing": 1,
-                                                 "recompute_feedforward": True})), progress=False)
-    assert calls == [("checkpoint", 1), ("ff", 2, 1)]  # all blocks after the checkpointed one
+                                                 "recompute_feedforward": True, "offload_activations": True})),
+          progress=False)
+    assert calls == [("checkpoint", 1, 2), ("ff", 2, 1)]  # all blocks after the checkpointed one
     calls.clear()
     train(resolve(_config(tmp_path / "b", train={"steps": 1, "gradient_checkpointing": True, "compile": True,
                                                  "activation_memory_budget": 0.4})), progress=False)
-    assert calls == [("checkpoint", 2), ("ff", 0, 2), ("compile", 0.4)]  # true: all blocks of the tiny model
+    assert calls == [("checkpoint", 2, 0), ("ff", 0, 2), ("compile", 0.4)]  # true: all blocks of the tiny model
 
 
 def test_triton_kernels_train_the_same_as_sdpa(tmp_path, monkeypatch):

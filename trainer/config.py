@@ -136,6 +136,9 @@ class TrainSection(_Strict):
     # Of the blocks not checkpointed, recompute the video feed-forward's hidden activation in the backward: true (all
     # of them), false, or how many (the first ones). Cheaper per GiB than checkpointing whole blocks.
     recompute_feedforward: bool | Annotated[int, Field(ge=0)] = False
+    # Of the blocks not checkpointed, keep the saved activations of these in pinned host memory until their backward:
+    # true (all of them), false, or how many (the first ones). Costs no GPU time while the host link keeps up.
+    offload_activations: bool | Annotated[int, Field(ge=0)] = False
     # torch.compile each transformer block (one graph serves all): auto = on CUDA GPUs, off on the CPU.
     compile: Literal["auto"] | bool = "auto"
     # Compiled blocks that are not checkpointed keep at most this fraction of their activations for the backward and

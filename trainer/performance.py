@@ -1,6 +1,7 @@
 """The switches that make a training step fast, each one on or off so it can be compared with the plain model:
-compiled transformer blocks, activation checkpointing of chosen blocks, and the compiler's activation memory budget
-(recompute only the cheapest parts of a block instead of the whole block).
+compiled transformer blocks, activation checkpointing of chosen blocks, activation offload of chosen blocks to host
+memory, and the compiler's activation memory budget (recompute only the cheapest parts of a block instead of the whole
+block).
 
 Activation checkpointing trades memory for a second forward pass of every checkpointed block; on the full-size model
 that is about a third of the step. Compiled blocks that are not checkpointed keep only what their backward cannot
@@ -18,22 +19,34 @@ from contextlib import contextmanager
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from trainer.offload import ActivationOffload
 
-def checkpoint_blocks(model: torch.nn.Module, blocks: int) -> None:
-    """Checkpoint the first `blocks` transformer blocks (all of them when `blocks` >= their number, none at 0).
 
-    The first blocks are chosen because their activations live longest (until the end of the backward pass)."""
-    if blocks <= 0:
+def checkpoint_blocks(model: torch.nn.Module, blocks: int, offloaded: int = 0) -> ActivationOffload | None:
+    """Checkpoint the first `blocks` transformer blocks (all of them when `blocks` >= their number, none at 0), and
+    keep the saved activations of the `offloaded` blocks after them in pinned host memory (trainer/offload.py).
+
+    The first blocks are chosen because their activations live longest (until the end of the backward pass): an
+    offloaded block's copies then have the most time to go out during the forward and to come back in the backward.
+    Returns the offload, if any (it counts what it moved)."""
+    every = list(model.transformer_blocks)
+    chosen = {id(block) for block in every[:blocks]}
+    offload = None
+    if offloaded > 0 and blocks < len(every):
+        offload = ActivationOffload(every, set(range(max(blocks, 0), min(blocks + offloaded, len(every)))))
+    if not chosen and offload is None:
         model.disable_gradient_checkpointing()
-        return
-    chosen = {id(block) for block in list(model.transformer_blocks)[:blocks]}
+        return None
 
     def run(block, *args):
         if id(block) in chosen:
             return checkpoint(block.__call__, *args, use_reentrant=False)
+        if offload is not None:
+            return offload.run(block, *args)
         return block(*args)
 
     model.enable_gradient_checkpointing(gradient_checkpointing_func=run)
+    return offload
 
 
 def recompute_feedforward(model: torch.nn.Module, blocks: int, after: int = 0) -> None:

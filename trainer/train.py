@@ -280,7 +280,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
         install_attention(model)
     blocks = len(model.transformer_blocks)
     checkpointed = blocks if cfg.train.gradient_checkpointing is True else int(cfg.train.gradient_checkpointing)
-    checkpoint_blocks(model, checkpointed)
+    offloaded = cfg.train.offload_activations
+    offload = checkpoint_blocks(model, checkpointed, blocks if offloaded is True else int(offloaded))
+    if offload:
+        logger.info("activation offload: the saved activations of %d blocks go to host memory", len(offload.offloaded))
     feedforward = cfg.train.recompute_feedforward
     recompute_feedforward(model, blocks if feedforward is True else int(feedforward), after=checkpointed)
     if cfg.train.compile is True or (cfg.train.compile == "auto" and accelerator.device.type == "cuda"):
