@@ -25,7 +25,13 @@ Variants:
   token, as before they were given once per sample; a `-cg` part replays the compiled blocks as CUDA graphs;
   an `-fp8` part runs the frozen base Linears in fp8 (train.fp8), e.g. compiled-ckpt12-fp8; an `-ff` (or `-ffK`)
   part recomputes the video feed-forward's hidden activation in the blocks not checkpointed (the first K of them;
-  train.recompute_feedforward), e.g. compiled-ff or compiled-ckpt4-ff.
+  train.recompute_feedforward), e.g. compiled-ff or compiled-ckpt4-ff; an `-off` (or `-offK`) part keeps the saved
+  activations of the blocks not checkpointed (the first K of them) in pinned host memory (train.offload_activations),
+  e.g. compiled-off12.
+  A `-ddp` or `-fsdp` part runs the variant on `--gpus` GPUs (default: all), one process each with a batch of 1,
+  under DistributedDataParallel or FSDP2 (every block its own unit, as configs/accelerate/fsdp.yaml), and reports the
+  scaling efficiency against the same variant on one GPU when that ran first: step time alone / step time on N GPUs
+  (100%: N times the samples per second), e.g. --variants compiled-ckpt12,compiled-ckpt12-ddp,compiled-fsdp.
 `--layers N` builds N blocks instead of 48 and `--profile` prints where one step's GPU time goes, e.g.
 
     python scripts/bench_step.py --variants ltxcore-eager-ckpt,compiled-ckpt,compiled-ckpt12,compiled --steps 3
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -105,20 +112,20 @@ def model_flops(model, inputs) -> tuple[float, float]:
 
 
 def apply_variant(model, name: str) -> None:
-    """`eager` or `compiled`, then optional parts: `ckpt` (every block) or `ckptK` (the first K blocks) checkpointed,
-    `budgetX` the compiler's activation memory budget, `triton` our fused attention (kernels: triton), e.g.
-    compiled-ckpt20-budget0.5."""
+    """`eager` or `compiled`, then optional parts (see the module docstring), e.g. compiled-ckpt20-budget0.5."""
     mode, *parts = name.split("-")
     if mode not in ("eager", "compiled"):
         raise SystemExit(f"unknown variant {name!r}: starts with eager or compiled")
     budget, aggressive, cuda_graphs = 1.0, True, False
-    blocks, checkpointed = len(model.transformer_blocks), 0
+    blocks = len(model.transformer_blocks)
+    checkpointed = offloaded = feedforward = 0
     for part in parts:
         if part.startswith("ckpt"):
             checkpointed = int(part[4:]) if part[4:] else blocks
-            checkpoint_blocks(model, checkpointed)
-        elif part.startswith("ff"):  # after any ckpt part: the blocks it left
-            recompute_feedforward(model, int(part[2:]) if part[2:] else blocks, after=checkpointed)
+        elif part.startswith("off"):
+            offloaded = int(part[3:]) if part[3:] else blocks
+        elif part.startswith("ff"):
+            feedforward = int(part[2:]) if part[2:] else blocks
         elif part.startswith("budget") and mode == "compiled":
             budget = float(part[6:])
         elif part == "noagg":
@@ -130,14 +137,14 @@ def apply_variant(model, name: str) -> None:
 
             use_fp8_base_linears(model)
             torch.cuda.empty_cache()
-        elif part == "pertoken":
-            pass  # handled where the inputs are built
         elif part == "triton":
             from kernels.install import install_attention
 
             install_attention(model)
-        else:
+        elif part not in ("pertoken", "ddp", "fsdp"):  # those are handled where the inputs and the model are built
             raise SystemExit(f"unknown part {part!r} of variant {name!r}")
+    checkpoint_blocks(model, checkpointed, offloaded)
+    recompute_feedforward(model, feedforward, after=checkpointed)
     if mode == "compiled":
         compile_blocks(model, budget, aggressive_recomputation=aggressive, cuda_graphs=cuda_graphs)
 
@@ -147,7 +154,7 @@ def kernel_profile(step, top: int = 25) -> None:
     elementwise kernels and the rest, then the `top` kernels by total time."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
@@ -167,6 +174,11 @@ def kernel_profile(step, top: int = 25) -> None:
           ", ".join(f"{g} {t:.1f} ms" for g, t in sorted(groups.items(), key=lambda kv: -kv[1])), flush=True)
     for kernel, (ms, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"PROFILE {ms:8.2f} ms {calls:5d}x  {kernel}", flush=True)
+    # Matrix products by operand shapes: the LoRA products (rank 32) apart from the base ones.
+    products = [e for e in prof.key_averages(group_by_input_shape=True)
+                if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")]
+    for e in sorted(products, key=lambda e: -e.device_time_total)[:top]:
+        print(f"PROFILE {e.device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key} {e.input_shapes}", flush=True)
 
 
 def build_ours(name: str, target, tokens: int, device: torch.device):
@@ -183,6 +195,17 @@ def build_ours(name: str, target, tokens: int, device: torch.device):
     with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
         flops, attention_flops = model_flops(model, inputs)
     apply_variant(model, name)
+    parts = name.split("-")
+    if "ddp" in parts:  # the LoRA gradients averaged over the processes, as accelerate's MULTI_GPU does
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
+    elif "fsdp" in parts:  # every block its own unit, as configs/accelerate/fsdp.yaml shards them
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer_blocks:
+            fully_shard(block)
+        fully_shard(model)
+        params = lora_parameters(model)
+        torch.cuda.empty_cache()
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
     def step() -> None:
@@ -198,6 +221,10 @@ def build_ours(name: str, target, tokens: int, device: torch.device):
 def run_variant(name: str, target_name: str, tokens: int, warmup: int, steps: int, layers: int | None = None,
                 profile: bool = False) -> dict:
     device = torch.device("cuda")
+    if "ddp" in name.split("-") or "fsdp" in name.split("-"):  # one process per GPU, started by torchrun
+        torch.distributed.init_process_group("nccl")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     target = TARGETS[target_name]
     if layers:  # a shorter stack of the same blocks, for profiles
         target = dataclasses.replace(target, transformer_config={**target.transformer_config, "num_layers": layers})
@@ -232,9 +259,15 @@ def run_variant(name: str, target_name: str, tokens: int, warmup: int, steps: in
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     peak, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+    if torch.distributed.is_initialized():  # the slowest process and the fullest GPU
+        stats = torch.tensor([statistics.median(times), peak, reserved], device=device)
+        torch.distributed.all_reduce(stats, torch.distributed.ReduceOp.MAX)
+        times = [stats[0].item()] if times else times
+        peak, reserved = stats[1].item(), stats[2].item()
     if profile:
         kernel_profile(step)
-    return {"variant": name, "tokens": tokens, "step_s": statistics.median(times), "steps": times,
+    return {"variant": name, "tokens": tokens, "gpus": torch.distributed.get_world_size()
+            if torch.distributed.is_initialized() else 1, "step_s": statistics.median(times), "steps": times,
             "peak_gib": peak, "reserved_gib": reserved, "model_tflop": flops and flops / 1e12,
             "attention_tflop": attention_flops and attention_flops / 1e12,
             "build_s": built, "warmup_s": warm}
@@ -249,12 +282,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--layers", type=int, help="build only this many blocks (for --profile)")
     parser.add_argument("--profile", action="store_true", help="after timing, print where one step's GPU time goes")
+    parser.add_argument("--gpus", type=int, default=torch.cuda.device_count(),
+                        help="processes (one per GPU) for the -ddp and -fsdp variants")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     if args.one:
         result = run_variant(args.one, args.target, int(args.tokens), args.warmup, args.steps, args.layers,
                              args.profile)
-        print("RESULT " + json.dumps(result), flush=True)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print("RESULT " + json.dumps(result), flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return
 
     import diffusers
@@ -268,8 +306,11 @@ def main() -> None:
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         for name in args.variants.split(","):
-            command = [sys.executable, __file__, "--one", name, "--target", args.target, "--tokens", str(tokens),
-                       "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            distributed = {"ddp", "fsdp"} & set(name.split("-"))
+            launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         f"--nproc_per_node={args.gpus}"] if distributed else [sys.executable])
+            command = launcher + [__file__, "--one", name, "--target", args.target, "--tokens", str(tokens),
+                                  "--warmup", str(args.warmup), "--steps", str(args.steps)]
             command += (["--layers", str(args.layers)] if args.layers else []) + (["--profile"] if args.profile else [])
             done = subprocess.run(command, capture_output=True, text=True)
             print("\n".join(line for line in done.stdout.splitlines() if line.startswith("PROFILE")), flush=True)
@@ -280,6 +321,12 @@ def main() -> None:
                     result["model_tflop"] = next((r["model_tflop"] for r in rows if r.get("model_tflop")
                                                   and r["tokens"] == tokens), None)
                 result["mfu"] = result["model_tflop"] and result["model_tflop"] / result["step_s"] / rate
+                # Several GPUs, each with a batch of 1: against the same variant on one GPU, measured in this run.
+                single = "-".join(p for p in name.split("-") if p not in ("ddp", "fsdp"))
+                alone = next((r for r in rows if r["variant"] == single and r["tokens"] == tokens
+                              and "step_s" in r), None)
+                if result["gpus"] > 1 and alone:
+                    result["scaling"] = alone["step_s"] / result["step_s"]
                 rows.append(result)
                 print(json.dumps(result), flush=True)
             else:
@@ -287,15 +334,17 @@ def main() -> None:
                 rows.append({"variant": name, "tokens": tokens, "error": reason})
                 print(f"{name} at {tokens} tokens failed: {reason}", flush=True)
 
-    print("\n| video tokens | variant | step s (median) | peak allocated GiB | peak reserved GiB | MFU |")
-    print("|---|---|---|---|---|---|")
+    print("\n| video tokens | variant | GPUs | step s (median) | peak allocated GiB | peak reserved GiB | MFU per GPU "
+          "| scaling |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['tokens']} | {r['variant']} | {r['error'][:40]} | | | |")
+            print(f"| {r['tokens']} | {r['variant']} | | {r['error'][:40]} | | | | |")
         else:
             mfu = f"{r['mfu']:.0%}" if r["mfu"] else ""
-            print(f"| {r['tokens']} | {r['variant']} | {r['step_s']:.3f} | {r['peak_gib']:.1f} | "
-                  f"{r['reserved_gib']:.1f} | {mfu} |")
+            scaling = f"{r['scaling']:.0%}" if "scaling" in r else ""
+            print(f"| {r['tokens']} | {r['variant']} | {r['gpus']} | {r['step_s']:.3f} | {r['peak_gib']:.1f} | "
+                  f"{r['reserved_gib']:.1f} | {mfu} | {scaling} |")
 
 
 if __name__ == "__main__":
