@@ -7,7 +7,8 @@
 #               (`accelerate launch`); the caches must hold the same samples with the same latents
 #   fsdp        with two or more GPUs: one process accumulating 2 micro-batches against DDP and FSDP
 #               (configs/accelerate/*.yaml) with 2 processes, the FSDP run stopped at step 10 and resumed; prints
-#               the losses side by side and the LoRAs' largest relative difference (bf16: about 1e-3 expected)
+#               the losses side by side and the LoRAs' largest relative difference (bf16: about 1e-3 expected);
+#               the single-process run goes first, so it writes the demo data and the cache the others reuse
 # Logs go to $OUT (or ./gpu-check); run directories to a temporary folder.
 set -euo pipefail
 out=${OUT:-gpu-check}
@@ -21,7 +22,7 @@ python -c "import torch, diffusers, peft, accelerate; print('torch', torch.__ver
 smoke() {  # smoke NAME [launcher...]: trains configs/smoke.yaml, keeps the log and metrics
     local name=$1; shift
     "$@" -m trainer.cli train configs/smoke.yaml --set output_dir="$work/$name" --set data.cache_dir="$work/cache" \
-        --set data.source="$work/demo" 2>&1 | tr '\r' '\n' | grep -v '^train: ' | tee "$out/$name.log"
+        --set data.source="$work/demo" 2>&1 | stdbuf -oL tr '\r' '\n' | grep -v '^train: ' | tee "$out/$name.log"
     cp "$work/$name/metrics.jsonl" "$out/$name-metrics.jsonl"
 }
 
@@ -40,8 +41,10 @@ for step in $steps; do
         python scripts/compare_caches.py "$work/cache-1" "$work/cache-2" 2>&1 | tee "$out/preprocess-compare.log" ;;
     fsdp)
         [ "$gpus" -ge 2 ] || continue
+        # Not compiled, to keep the four runs short (bench_step.py's -fsdp variants run compiled blocks under FSDP).
         same=(configs/smoke.yaml --set train.steps=20 --set train.log_every=1 --set train.checkpoint_every=10
-              --set 'validation.prompts=[]' --set data.cache_dir="$work/cache" --set data.source="$work/demo")
+              --set train.compile=false --set 'validation.prompts=[]' --set data.cache_dir="$work/cache"
+              --set data.source="$work/demo")
         python -m trainer.cli train "${same[@]}" --set output_dir="$work/one" --set train.gradient_accumulation_steps=2
         for launcher in ddp fsdp; do
             accelerate launch --config_file configs/accelerate/$launcher.yaml -m trainer.cli train "${same[@]}" \

@@ -170,9 +170,11 @@ def build_transformer(
     target: ModelTarget, checkpoint: str | None, seed: int, dtype: torch.dtype, device: str | torch.device = "cpu"
 ):
     """The loading seam: the public weights when a checkpoint is given (architecture read from the file), else
-    seeded random weights (tiny targets; the config refuses production targets without a checkpoint)."""
+    seeded random weights (tiny targets; the config refuses production targets without a checkpoint). Those are drawn
+    on the CPU and then moved, so that every device gets the same weights (a GPU's random stream differs from the
+    CPU's): an FSDP run, which builds on the CPU, then starts from the model a one-GPU run starts from."""
     if checkpoint is None:
-        return build_random_transformer(target, seed, dtype, device)
+        return build_random_transformer(target, seed, dtype).to(device)
     from trainer.models.loading import load_transformer
 
     return load_transformer(checkpoint, dtype, device)
