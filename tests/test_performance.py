@@ -111,6 +111,9 @@ def test_offloaded_blocks_free_their_saved_tensors_and_get_them_back_ahead_of_th
     assert moved and offload.offloaded_bytes > 0
     assert early and all(early)  # block 1's backward brought block 0's tensors back before they were needed
     assert offload.pending == {}
+    first = offload.offloaded_bytes
+    _step(model)
+    assert offload.offloaded_bytes == first  # counted per forward
 
 
 def test_offloaded_tensors_leave_the_device_memory_during_the_forward():
