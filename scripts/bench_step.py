@@ -23,6 +23,8 @@ Variants:
   a `-noagg` part turns off the partitioner's aggressive recomputation (on in the trainer: recompute every cheap
   elementwise op rather than keep its output), e.g. compiled-noagg; a `-pertoken` part passes the timesteps per
   token, as before they were given once per sample; a `-cg` part replays the compiled blocks as CUDA graphs;
+  an `-autotune` part lets the compiler choose each matrix product's kernel by timing Triton templates against cuBLAS
+  (inductor's max_autotune_gemm: the rank-32 LoRA products, and products with their elementwise epilogue fused);
   an `-fp8` part runs the frozen base Linears in fp8 (train.fp8), e.g. compiled-ckpt12-fp8; an `-ff` (or `-ffK`)
   part recomputes the video feed-forward's hidden activation in the blocks not checkpointed (the first K of them;
   train.recompute_feedforward), e.g. compiled-ff or compiled-ckpt4-ff; an `-off` (or `-offK`) part keeps the saved
@@ -111,6 +113,11 @@ def model_flops(model, inputs) -> tuple[float, float]:
     return 2 * matmuls + 3.5 * attention, 3.5 * attention
 
 
+def distributed(name: str) -> bool:
+    """Whether the variant runs on several GPUs (a `ddp` or `fsdp` part)."""
+    return bool({"ddp", "fsdp"} & set(name.split("-")))
+
+
 def apply_variant(model, name: str) -> None:
     """`eager` or `compiled`, then optional parts (see the module docstring), e.g. compiled-ckpt20-budget0.5."""
     mode, *parts = name.split("-")
@@ -132,6 +139,10 @@ def apply_variant(model, name: str) -> None:
             aggressive = False
         elif part == "cg":
             cuda_graphs = True
+        elif part == "autotune":  # inductor benchmarks Triton templates against cuBLAS for every product shape
+            import torch._inductor.config as inductor_config
+
+            inductor_config.max_autotune_gemm = True
         elif part == "fp8":
             from trainer.fp8 import use_fp8_base_linears
 
@@ -221,7 +232,7 @@ def build_ours(name: str, target, tokens: int, device: torch.device):
 def run_variant(name: str, target_name: str, tokens: int, warmup: int, steps: int, layers: int | None = None,
                 profile: bool = False) -> dict:
     device = torch.device("cuda")
-    if "ddp" in name.split("-") or "fsdp" in name.split("-"):  # one process per GPU, started by torchrun
+    if distributed(name):  # one process per GPU, started by torchrun
         torch.distributed.init_process_group("nccl")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -262,7 +273,7 @@ def run_variant(name: str, target_name: str, tokens: int, warmup: int, steps: in
     if torch.distributed.is_initialized():  # the slowest process and the fullest GPU
         stats = torch.tensor([statistics.median(times), peak, reserved], device=device)
         torch.distributed.all_reduce(stats, torch.distributed.ReduceOp.MAX)
-        times = [stats[0].item()] if times else times
+        times = [stats[0].item()]  # the slowest process's median
         peak, reserved = stats[1].item(), stats[2].item()
     if profile:
         kernel_profile(step)
@@ -306,9 +317,8 @@ def main() -> None:
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         for name in args.variants.split(","):
-            distributed = {"ddp", "fsdp"} & set(name.split("-"))
             launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                         f"--nproc_per_node={args.gpus}"] if distributed else [sys.executable])
+                         f"--nproc_per_node={args.gpus}"] if distributed(name) else [sys.executable])
             command = launcher + [__file__, "--one", name, "--target", args.target, "--tokens", str(tokens),
                                   "--warmup", str(args.warmup), "--steps", str(args.steps)]
             command += (["--layers", str(args.layers)] if args.layers else []) + (["--profile"] if args.profile else [])
