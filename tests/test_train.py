@@ -260,6 +260,18 @@ def test_speed_switches_reach_the_model(tmp_path, monkeypatch):
     assert calls == [("checkpoint", 2, 0), ("ff", 0, 2), ("compile", 0.4)]  # true: all blocks of the tiny model
 
 
+def test_offloaded_activations_train_the_same_and_say_how_much_went_to_the_host(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    plain = train(resolve(_config(tmp_path / "a", train={"steps": 2})), progress=False)
+    offloaded = train(resolve(_config(tmp_path / "b", train={"steps": 2, "gradient_checkpointing": 1,
+                                                               "offload_activations": True})), progress=False)
+    assert offloaded.losses == pytest.approx(plain.losses, rel=1e-6)
+    assert "activation offload on 1 of 2 blocks" in caplog.text
+    assert caplog.text.count("GiB of pinned host memory per micro-batch") == 1  # after the first step only
+
+
 def test_triton_kernels_train_the_same_as_sdpa(tmp_path, monkeypatch):
     """`kernels: triton` routes the attentions through the fused kernel (Triton's interpreter here) and trains to
     the same losses as PyTorch's attention."""

@@ -283,7 +283,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     offloaded = cfg.train.offload_activations
     offload = checkpoint_blocks(model, checkpointed, blocks if offloaded is True else int(offloaded))
     if offload:
-        logger.info("activation offload: the saved activations of %d blocks go to host memory", len(offload.offloaded))
+        logger.info("activation offload on %d of %d blocks: their saved activations wait in host memory",
+                    len(offload.offloaded), blocks)
     feedforward = cfg.train.recompute_feedforward
     recompute_feedforward(model, blocks if feedforward is True else int(feedforward), after=checkpointed)
     if cfg.train.compile is True or (cfg.train.compile == "auto" and accelerator.device.type == "cuda"):
@@ -369,6 +370,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
                 bad_steps += 1
                 logger.warning("step %d: non-finite loss or gradient (loss %s); step skipped", step + 1, mean_loss.item())
             optimizer.zero_grad(set_to_none=True)
+            if offload and step == start_step:  # known after the first forward
+                logger.info("activation offload: %.2f GiB of pinned host memory per micro-batch",
+                            offload.offloaded_bytes / 2**30)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
