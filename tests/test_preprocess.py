@@ -72,6 +72,35 @@ def test_demo_media_become_a_valid_cache_and_reruns_reuse_it(tmp_path, demo):
     assert _mtimes(tmp_path / "cache") == before
 
 
+def test_every_process_passes_the_same_barriers_whether_the_demo_is_there_or_not(tmp_path, demo, monkeypatch):
+    """A process that finds the demo folder already begun by the main one must still meet it at its barriers."""
+    import trainer.data.preprocess as preprocess_module
+
+    class Stop(Exception):
+        pass
+
+    barriers = []
+
+    class SecondProcess:  # of two; it never writes the demo
+        is_main_process, process_index, num_processes = False, 1, 2
+
+        def wait_for_everyone(self):
+            barriers.append(1)
+
+    def stop(*args):
+        raise Stop
+
+    monkeypatch.setattr(preprocess_module, "PartialState", SecondProcess)
+    monkeypatch.setattr(preprocess_module, "plan", stop)  # where the processes' paths could start to differ
+    counts = []
+    for source in (tmp_path / "not-yet-written", demo):
+        barriers.clear()
+        with pytest.raises(Stop):
+            preprocess(_config(tmp_path, source, demo=True), progress=False)
+        counts.append(len(barriers))
+    assert counts[0] == counts[1]
+
+
 def test_changed_settings_re_encode_exactly_the_affected_samples(tmp_path, demo):
     preprocess(_config(tmp_path, demo), progress=False)
     # Buckets change only for the clips (images keep their bucket).

@@ -372,8 +372,12 @@ def preprocess(cfg: RunConfig, source: str | None = None, progress: bool = True,
     if source is None:
         raise ConfigError("no data to preprocess: set data.source in the config or pass --data DIR_OR_MANIFEST")
     state = PartialState()
-    if cfg.data.demo and not Path(source).exists():
-        if state.is_main_process:
+    if cfg.data.demo:
+        # Every process looks before the main one may start writing, and all pass the same barriers: a process that
+        # looked once the folder existed would otherwise skip the barrier below and read half a dataset.
+        missing = not Path(source).exists()
+        state.wait_for_everyone()
+        if missing and state.is_main_process:
             from trainer.data.demo import write_demo_dataset
 
             write_demo_dataset(source)
