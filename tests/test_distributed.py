@@ -77,6 +77,34 @@ def test_fsdp_two_processes_train_and_resume_as_one_process_with_twice_the_accum
     assert output.count("done: step 4") == 1  # only the main process writes and reports
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_offloaded_activations_under_fsdp_give_the_same_loss_and_gradients(tmp_path):
+    """FSDP2 gathers each block's weights as parameters for its forward: offload leaves those alone and moves only
+    the activations."""
+    from torch.distributed.fsdp import fully_shard
+
+    from tiny_training import lora_model, train_step
+    from trainer.performance import checkpoint_blocks
+
+    plain = train_step(lora_model())
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)
+    try:
+        model = lora_model()
+        offload = checkpoint_blocks(model, 0, offloaded=1)
+        offload.min_bytes = 0  # the tiny model's tensors are all small
+        for block in model.transformer_blocks:
+            fully_shard(block)
+        fully_shard(model)
+        loss, grads = train_step(model)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert offload.offloaded_bytes > 0
+    assert loss == plain[0]
+    for got, want in zip(grads, plain[1]):
+        torch.testing.assert_close(got.full_tensor(), want, rtol=0, atol=0)
+
+
 def test_fsdp_refuses_what_it_cannot_do_naming_the_keys():
     from types import SimpleNamespace
 

@@ -5,11 +5,11 @@ with fp8 trains (the learning test in tests/test_learning.py runs with it too)."
 import pytest
 import torch
 
+from tiny_training import step_inputs
 from trainer.config import ConfigError, resolve
 from trainer.fp8 import Fp8Linear, check_fp8_device, use_fp8_base_linears
 from trainer.lora import inject_lora, lora_parameters
 from trainer.models.registry import TARGETS, build_random_transformer
-from trainer.modes import build_step_inputs
 from trainer.train import train
 
 BOUND = 0.05  # norm-wise relative error of an fp8 product (e4m3: 3 mantissa bits), typically 0.035
@@ -51,19 +51,6 @@ def _model():
     return model
 
 
-def _inputs():
-    target, g = TARGETS["tiny-ltx-2.3"], torch.Generator().manual_seed(0)
-    batch = {
-        "video_latents": torch.randn(2, 128, 3, 2, 3, generator=g),
-        "audio_latents": torch.randn(2, 8, 5, 16, generator=g),
-        "video_text_embeds": torch.randn(2, 6, target.video_text_dim, generator=g),
-        "audio_text_embeds": torch.randn(2, 6, target.audio_text_dim, generator=g),
-        "text_mask": torch.ones(2, 6, dtype=torch.long),
-        "fps": 24.0,
-    }
-    return build_step_inputs(batch, "text-to-audio-video", torch.Generator().manual_seed(1)).model_kwargs
-
-
 def test_only_the_frozen_linears_of_the_blocks_turn_fp8_and_the_model_stays_within_the_bound():
     plain, model = _model(), _model()
     frozen = {name: m for name, m in model.transformer_blocks.named_modules()
@@ -77,7 +64,7 @@ def test_only_the_frozen_linears_of_the_blocks_turn_fp8_and_the_model_stays_with
     assert all(type(blocks[name]) is torch.nn.Linear for name in blocks if name.endswith(("lora_A.default",
                                                                                           "lora_B.default")))
     assert type(model.proj_in) is torch.nn.Linear  # outside the blocks: untouched
-    kwargs = _inputs()
+    kwargs = step_inputs().model_kwargs
     want = plain(**kwargs)
     got = model(**kwargs)
     for a, b in zip(got, want):

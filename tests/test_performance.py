@@ -8,44 +8,15 @@ import pytest
 import torch
 import torch._functorch.config
 
-from trainer.lora import inject_lora, lora_parameters
-from trainer.models.registry import TARGETS, build_random_transformer
-from trainer.modes import build_step_inputs, compute_loss
+from tiny_training import lora_model, step_inputs, train_step
+from trainer.modes import compute_loss
 from trainer.offload import _Offloaded
 from trainer.performance import checkpoint_blocks, compile_blocks, recompute_feedforward
-
-TARGETS_LIST = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-
-
-def _model():
-    model = build_random_transformer(TARGETS["tiny-ltx-2.3"], seed=0)
-    inject_lora(model, 4, 4.0, 0.0, TARGETS_LIST)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in lora_parameters(model):  # non-zero B, so every adapter gets a gradient
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
-def _step(model):
-    target = TARGETS["tiny-ltx-2.3"]
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "video_latents": torch.randn(2, 128, 3, 2, 3, generator=g),
-        "audio_latents": torch.randn(2, 8, 5, 16, generator=g),
-        "video_text_embeds": torch.randn(2, 6, target.video_text_dim, generator=g),
-        "audio_text_embeds": torch.randn(2, 6, target.audio_text_dim, generator=g),
-        "text_mask": torch.ones(2, 6, dtype=torch.long),
-        "fps": 24.0,
-    }
-    loss, _ = compute_loss(model, build_step_inputs(batch, "text-to-audio-video", torch.Generator().manual_seed(1)))
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in lora_parameters(model)]
 
 
 @pytest.fixture(scope="module")
 def plain():
-    return _step(_model())
+    return train_step(lora_model())
 
 
 def _same(result, plain, tolerance):
@@ -57,27 +28,27 @@ def _same(result, plain, tolerance):
 
 
 def test_checkpointing_the_first_blocks_recomputes_exactly_those(plain):
-    model = _model()
+    model = lora_model()
     checkpoint_blocks(model, 1)
     calls = [0] * len(model.transformer_blocks)
     for index, block in enumerate(model.transformer_blocks):
         block.register_forward_pre_hook(lambda *_, i=index: calls.__setitem__(i, calls[i] + 1))
-    _same(_step(model), plain, 1e-6)
+    _same(train_step(model), plain, 1e-6)
     assert calls == [2, 1]  # block 0 ran again in the backward, block 1 kept its activations
 
 
 def test_a_recomputed_feedforward_gives_the_same_loss_and_gradients(plain):
-    model = _model()
+    model = lora_model()
     recompute_feedforward(model, 2)
     calls = []
     for block in model.transformer_blocks:
         block.ff.net[0].register_forward_pre_hook(lambda *_: calls.append(1))
-    _same(_step(model), plain, 1e-6)
+    _same(train_step(model), plain, 1e-6)
     assert len(calls) == 4  # each block's up-projection ran again in the backward
-    later = _model()
+    later = lora_model()
     recompute_feedforward(later, 5, after=1)  # only the blocks that exist after the first
     assert ["forward" in vars(block.ff) for block in later.transformer_blocks] == [False, True]
-    assert {name for name, _ in model.named_parameters()} == {name for name, _ in _model().named_parameters()}
+    assert {name for name, _ in model.named_parameters()} == {name for name, _ in lora_model().named_parameters()}
 
 
 def _count_offloads(offload):
@@ -102,39 +73,32 @@ def _count_offloads(offload):
 
 
 def test_offloaded_blocks_free_their_saved_tensors_and_get_them_back_ahead_of_their_backward(plain):
-    model = _model()
+    model = lora_model()
     offload = checkpoint_blocks(model, 0, offloaded=1)
     assert offload.offloaded == {0}
     moved, early = _count_offloads(offload)
-    loss, grads = _step(model)
+    loss, grads = train_step(model)
     _same((loss, grads), plain, 0)  # the same tensors come back
     assert moved and offload.offloaded_bytes > 0
     assert early and all(early)  # block 1's backward brought block 0's tensors back before they were needed
     assert offload.pending == {}
     first = offload.offloaded_bytes
-    _step(model)
+    train_step(model)
     assert offload.offloaded_bytes == first  # counted per forward
 
 
 def test_offloaded_tensors_leave_the_device_memory_during_the_forward():
-    model = _model()
+    model = lora_model()
     offload = checkpoint_blocks(model, 0, offloaded=1)
     moved, _ = _count_offloads(offload)
-    g = torch.Generator().manual_seed(0)
-    target = TARGETS["tiny-ltx-2.3"]
-    batch = {"video_latents": torch.randn(1, 128, 3, 2, 3, generator=g),
-             "audio_latents": torch.randn(1, 8, 5, 16, generator=g),
-             "video_text_embeds": torch.randn(1, 6, target.video_text_dim, generator=g),
-             "audio_text_embeds": torch.randn(1, 6, target.audio_text_dim, generator=g),
-             "text_mask": torch.ones(1, 6, dtype=torch.long), "fps": 24.0}
-    loss, _ = compute_loss(model, build_step_inputs(batch, "text-to-audio-video", torch.Generator().manual_seed(1)))
+    loss, _ = compute_loss(model, step_inputs(batch_size=1))
     gc.collect()
     assert moved and not [ref for ref in moved if ref() is not None]  # only the host copies are left
     loss.backward()
 
 
 def test_offload_counts_only_blocks_that_exist_after_the_checkpointed_ones():
-    model = _model()
+    model = lora_model()
     assert checkpoint_blocks(model, 1, offloaded=5).offloaded == {1}
     assert checkpoint_blocks(model, 2, offloaded=5) is None and model.gradient_checkpointing
     assert checkpoint_blocks(model, 0, offloaded=0) is None and not model.gradient_checkpointing
@@ -146,14 +110,14 @@ def test_offload_counts_only_blocks_that_exist_after_the_checkpointed_ones():
 def test_compiled_blocks_give_the_same_loss_and_gradients(plain, checkpointed, budget, aggressive, feedforward,
                                                           offloaded):
     torch._dynamo.reset()
-    model = _model()
+    model = lora_model()
     offload = checkpoint_blocks(model, checkpointed, offloaded)
     if offload:
         moved, early = _count_offloads(offload)
     recompute_feedforward(model, feedforward, after=checkpointed)
     compile_blocks(model, budget, backend="aot_eager", aggressive_recomputation=aggressive)
     try:
-        _same(_step(model), plain, 1e-5)
+        _same(train_step(model), plain, 1e-5)
         if offload:
             assert moved and early
     finally:
@@ -174,13 +138,13 @@ def _partition(aggressive=True, feedforward=False):
         return compiler
 
     torch._dynamo.reset()
-    model = _model()
+    model = lora_model()
     if feedforward:
         recompute_feedforward(model, len(model.transformer_blocks))
     backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
                            partition_fn=min_cut_rematerialization_partition)
     compile_blocks(model, backend=backend, aggressive_recomputation=aggressive)
-    _step(model)
+    train_step(model)
     return graphs
 
 
@@ -229,9 +193,9 @@ def test_compiled_blocks_render_eagerly_for_sampling(tmp_path):
                    "validation": {"prompts": ["a red square"], "width": 64, "height": 64, "frames": 9,
                                   "num_inference_steps": 2}})
     renderer = Renderer(cfg, cfg.validation, torch.device("cpu"))
-    plain = renderer.render(_model().eval(), 0)
+    plain = renderer.render(lora_model().eval(), 0)
     torch._dynamo.reset()
-    model = _model().eval()
+    model = lora_model().eval()
     compile_blocks(model, backend="aot_eager")
     with pytest.raises(Exception, match="all_perturbed|data-dependent|Data-dependent"):
         renderer.render(model, 0)
