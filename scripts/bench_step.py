@@ -22,7 +22,9 @@ Variants:
   a `-triton` part routes attention through our fused Triton kernel (kernels: triton), e.g. compiled-ckpt-triton;
   a `-noagg` part turns off the partitioner's aggressive recomputation (on in the trainer: recompute every cheap
   elementwise op rather than keep its output), e.g. compiled-noagg; a `-pertoken` part passes the timesteps per
-  token, as before they were given once per sample; a `-cg` part replays the compiled blocks as CUDA graphs;
+  token, as before they were given once per sample; a `-nomask` part passes no text attention mask (the trainer passes
+  the all-ones mask of the published connectors, which SDPA turns into an additive bias and which may steer the text
+  cross-attention away from cuDNN); a `-cg` part replays the compiled blocks as CUDA graphs;
   an `-autotune` part lets the compiler choose each matrix product's kernel by timing Triton templates against cuBLAS
   (inductor's max_autotune_gemm: the rank-32 LoRA products, and products with their elementwise epilogue fused);
   an `-fp8` part runs the frozen base Linears in fp8 (train.fp8), e.g. compiled-ckpt12-fp8; an `-ff` (or `-ffK`)
@@ -152,7 +154,7 @@ def apply_variant(model, name: str) -> None:
             from kernels.install import install_attention
 
             install_attention(model)
-        elif part not in ("pertoken", "ddp", "fsdp"):  # those are handled where the inputs and the model are built
+        elif part not in ("pertoken", "nomask", "ddp", "fsdp"):  # those are handled where the inputs and the model are built
             raise SystemExit(f"unknown part {part!r} of variant {name!r}")
     checkpoint_blocks(model, checkpointed, offloaded)
     recompute_feedforward(model, feedforward, after=checkpointed)
@@ -203,6 +205,8 @@ def build_ours(name: str, target, tokens: int, device: torch.device):
         kw = inputs.model_kwargs
         kw["timestep"] = kw["timestep"].expand(kw["hidden_states"].shape[:2])
         kw["audio_timestep"] = kw["audio_timestep"].expand(kw["audio_hidden_states"].shape[:2])
+    if "nomask" in name.split("-"):  # every text token is real here, so no mask changes nothing but the kernel
+        inputs.model_kwargs["encoder_attention_mask"] = inputs.model_kwargs["audio_encoder_attention_mask"] = None
     with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
         flops, attention_flops = model_flops(model, inputs)
     apply_variant(model, name)
