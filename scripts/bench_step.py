@@ -154,7 +154,7 @@ def apply_variant(model, name: str) -> None:
             from kernels.install import install_attention
 
             install_attention(model)
-        elif part not in ("pertoken", "nomask", "ddp", "fsdp"):  # those are handled where the inputs and the model are built
+        elif part not in ("pertoken", "nomask", "ddp", "fsdp"):  # handled where the inputs and the model are built
             raise SystemExit(f"unknown part {part!r} of variant {name!r}")
     checkpoint_blocks(model, checkpointed, offloaded)
     recompute_feedforward(model, feedforward, after=checkpointed)

@@ -1,4 +1,4 @@
-"""Activation offload: chosen transformer blocks keep their saved activations in pinned host memory instead of on the GPU.
+"""Activation offload: chosen transformer blocks keep their saved activations in pinned host memory, not on the GPU.
 
 A block that is neither checkpointed nor offloaded keeps about 0.85 GiB on the GPU from its forward until its backward
 (full-size LTX-2.3, 6144 video tokens, compiled). Checkpointing a block frees that for a second forward of the block;
