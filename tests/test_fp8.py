@@ -5,11 +5,10 @@ with fp8 trains (the learning test in tests/test_learning.py runs with it too)."
 import pytest
 import torch
 
-from tiny_training import step_inputs
+from tiny_training import lora_model, step_inputs
 from trainer.config import ConfigError, resolve
 from trainer.fp8 import Fp8Linear, check_fp8_device, use_fp8_base_linears
-from trainer.lora import inject_lora, lora_parameters
-from trainer.models.registry import TARGETS, build_random_transformer
+from trainer.lora import lora_parameters
 from trainer.train import train
 
 BOUND = 0.05  # norm-wise relative error of an fp8 product (e4m3: 3 mantissa bits), typically 0.035
@@ -42,17 +41,8 @@ def test_an_fp8_product_and_its_input_gradient_stay_within_the_bound(rows, k, n,
     assert _relative(y[1], exact[1]) < BOUND  # the sample without the outlier token too
 
 
-def _model():
-    model = build_random_transformer(TARGETS["tiny-ltx-2.3"], seed=0)
-    inject_lora(model, 4, 4.0, 0.0, ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"])
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    return model
-
-
 def test_only_the_frozen_linears_of_the_blocks_turn_fp8_and_the_model_stays_within_the_bound():
-    plain, model = _model(), _model()
+    plain, model = lora_model(), lora_model()
     frozen = {name: m for name, m in model.transformer_blocks.named_modules()
               if type(m) is torch.nn.Linear and not m.weight.requires_grad}
     # fp8 tensor cores take sizes in multiples of 16: the per-head gate logits (2 heads here) stay as they are
