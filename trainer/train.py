@@ -89,6 +89,11 @@ def check_output_dir(output_dir: Path) -> None:
         raise ConfigError(f"output_dir = {str(output_dir)!r} cannot be written: {exc.strerror or exc}") from None
 
 
+def _block_count(setting: bool | int, blocks: int) -> int:
+    """A train.* setting that takes true (every block), false (none) or a number of blocks, as a number."""
+    return blocks if setting is True else int(setting)
+
+
 def check_fsdp(cfg: RunConfig, accelerator: Accelerator) -> None:
     """What a run sharded with FSDP (`accelerate launch --config_file configs/accelerate/fsdp.yaml`) cannot do is
     refused before the model is built, naming the key to change."""
@@ -279,14 +284,12 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
 
         install_attention(model)
     blocks = len(model.transformer_blocks)
-    checkpointed = blocks if cfg.train.gradient_checkpointing is True else int(cfg.train.gradient_checkpointing)
-    offloaded = cfg.train.offload_activations
-    offload = checkpoint_blocks(model, checkpointed, blocks if offloaded is True else int(offloaded))
+    checkpointed = _block_count(cfg.train.gradient_checkpointing, blocks)
+    offload = checkpoint_blocks(model, checkpointed, _block_count(cfg.train.offload_activations, blocks))
     if offload:
         logger.info("activation offload on %d of %d blocks: their saved activations wait in host memory",
                     len(offload.offloaded), blocks)
-    feedforward = cfg.train.recompute_feedforward
-    recompute_feedforward(model, blocks if feedforward is True else int(feedforward), after=checkpointed)
+    recompute_feedforward(model, _block_count(cfg.train.recompute_feedforward, blocks), after=checkpointed)
     if cfg.train.compile is True or (cfg.train.compile == "auto" and accelerator.device.type == "cuda"):
         compile_blocks(model, cfg.train.activation_memory_budget)
     params = lora_parameters(model)
