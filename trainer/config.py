@@ -131,8 +131,12 @@ class TrainSection(_Strict):
     steps: PositiveInt = 2000
     batch_size: PositiveInt = 1
     gradient_accumulation_steps: PositiveInt = 1
-    # Recompute blocks in the backward pass: true (every block), false, or how many blocks (the first ones).
-    gradient_checkpointing: bool | Annotated[int, Field(ge=0)] = True
+    # Recompute blocks in the backward pass: true (every block), false, or how many blocks (the first ones); auto
+    # measures the memory a kept block takes on the largest batch and chooses how many blocks to keep, offload and
+    # checkpoint within memory_limit_gib (trainer/memory_plan.py; on the CPU nothing is checkpointed).
+    gradient_checkpointing: Literal["auto"] | bool | Annotated[int, Field(ge=0)] = True
+    # With gradient_checkpointing: auto, the peak GPU memory to plan for; null: 90% of the GPU's memory.
+    memory_limit_gib: PositiveFloat | None = None
     # Of the blocks not checkpointed, recompute the video feed-forward's hidden activation in the backward: true (all
     # of them), false, or how many (the first ones). Cheaper per GiB than checkpointing whole blocks.
     recompute_feedforward: bool | Annotated[int, Field(ge=0)] = False
@@ -157,6 +161,21 @@ class TrainSection(_Strict):
     max_bad_steps: PositiveInt = 5
     # Probability that a sample's caption is replaced by the empty prompt (keeps unconditional generation working).
     caption_dropout_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+    @model_validator(mode="after")
+    def _memory_plan_settings(self) -> "TrainSection":
+        auto = self.gradient_checkpointing == "auto"
+        if auto:
+            for key in ("offload_activations", "recompute_feedforward"):
+                if getattr(self, key) is not False:
+                    raise ValueError(f"train.{key} = {getattr(self, key)!r} cannot be combined with "
+                                     f"train.gradient_checkpointing = 'auto', which chooses the offloaded blocks "
+                                     f"itself: leave {key} false, or give gradient_checkpointing a number of blocks")
+        elif self.memory_limit_gib is not None:
+            raise ValueError(f"train.memory_limit_gib = {self.memory_limit_gib} is only used by "
+                             f"train.gradient_checkpointing = 'auto' (it is {self.gradient_checkpointing!r}): set "
+                             f"gradient_checkpointing to auto, or remove memory_limit_gib")
+        return self
 
 
 class ConditioningSection(_Strict):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import yaml
 from accelerate import Accelerator
@@ -49,6 +50,14 @@ from trainer.lora import (
 )
 from trainer.export import export_run
 from trainer.fp8 import check_fp8_device, use_fp8_base_linears
+from trainer.memory_plan import (
+    DEFAULT_BUDGET_SHARE,
+    PROBE_BLOCKS,
+    MemoryPlan,
+    measure_block_memory,
+    optimizer_state_bytes,
+    plan_blocks,
+)
 from trainer.models.registry import ModelTarget, build_transformer, check_checkpoint, get_target
 from trainer.modes import MODE_SPECS, build_step_inputs, compute_loss, isolated_groups
 from trainer.performance import checkpoint_blocks, compile_blocks, recompute_feedforward
@@ -92,6 +101,57 @@ def check_output_dir(output_dir: Path) -> None:
 def _block_count(setting: bool | int, blocks: int) -> int:
     """A train.* setting that takes true (every block), false (none) or a number of blocks, as a number."""
     return blocks if setting is True else int(setting)
+
+
+def plan_memory(cfg: RunConfig, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                dataset: LatentCache, fsdp: bool) -> MemoryPlan:
+    """`train.gradient_checkpointing: auto` on a GPU: measures the memory of two probe steps on the largest sample
+    (trainer/memory_plan.py) and plans the blocks; every process gets the same plan (the largest measurement), as
+    FSDP needs. The probes leave no gradients and draw no random numbers of the run (they come before seeding)."""
+    device = accelerator.device
+    spec = MODE_SPECS[cfg.mode]
+    tokens = [dataset.tokens(i, video=spec.video != "absent", audio=spec.audio != "absent", reference=spec.reference)
+              for i in range(len(dataset))]
+    largest = max(range(len(dataset)), key=tokens.__getitem__)
+    batch = collate([dataset[largest]] * cfg.train.batch_size)
+
+    def probe_step() -> None:
+        on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        inputs = build_step_inputs(on_device, cfg.mode, torch.Generator().manual_seed(0),
+                                   cfg.conditioning.first_frame_p)
+        try:
+            with accelerator.no_sync(model):
+                with accelerator.autocast() if fsdp else nullcontext():
+                    loss, _ = compute_loss(model, inputs)
+                accelerator.backward(loss)
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+
+    transformer = accelerator.unwrap_model(model)
+    blocks = len(transformer.transformer_blocks)
+    logger.info("memory plan: two probe steps on the largest sample (%d tokens; the first compiles the blocks)",
+                tokens[largest])
+    base, per_block = measure_block_memory(transformer, probe_step, device)
+    base += optimizer_state_bytes(transformer)
+    measured = accelerator.gather(torch.tensor([[base, -1 if per_block is None else per_block]], device=device))
+    base, per_block = int(measured[:, 0].max()), int(measured[:, 1].max())
+    if (measured[:, 1] < 0).any():
+        per_block = None
+        logger.warning("memory plan: keeping %d blocks ran out of GPU memory; every block stays checkpointed",
+                       min(blocks, PROBE_BLOCKS))
+    else:
+        logger.info("memory plan: every block checkpointed %.1f GiB, each kept block %.2f GiB more", base / 2**30,
+                    per_block / 2**30)
+    total = torch.cuda.get_device_properties(device).total_memory
+    limit = cfg.train.memory_limit_gib
+    budget = int(limit * 2**30) if limit else int(total * DEFAULT_BUDGET_SHARE)
+    plan = plan_blocks(blocks, base, per_block, budget, can_offload=accelerator.num_processes == 1,
+                       host_available=psutil.virtual_memory().available)
+    logger.info("memory plan (budget %.1f of %.1f GiB): %s", budget / 2**30, total / 2**30, plan.describe())
+    if plan.predicted_peak > budget:
+        logger.warning("memory plan: even with every block checkpointed the step needs about %.1f GiB, more than "
+                       "the budget of %.1f GiB (train.memory_limit_gib)", plan.predicted_peak / 2**30, budget / 2**30)
+    return plan
 
 
 def check_fsdp(cfg: RunConfig, accelerator: Accelerator) -> None:
@@ -284,11 +344,12 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
 
         install_attention(model)
     blocks = len(model.transformer_blocks)
-    checkpointed = _block_count(cfg.train.gradient_checkpointing, blocks)
+    planned = cfg.train.gradient_checkpointing == "auto" and accelerator.device.type == "cuda"
+    if cfg.train.gradient_checkpointing == "auto":  # on a GPU: planned below, after every block checkpointed for the
+        checkpointed = blocks if planned else 0     # probes; on the CPU the host memory is not planned for
+    else:
+        checkpointed = _block_count(cfg.train.gradient_checkpointing, blocks)
     offload = checkpoint_blocks(model, checkpointed, _block_count(cfg.train.offload_activations, blocks))
-    if offload:
-        logger.info("activation offload on %d of %d blocks: their saved activations wait in host memory",
-                    len(offload.offloaded), blocks)
     recompute_feedforward(model, _block_count(cfg.train.recompute_feedforward, blocks), after=checkpointed)
     if cfg.train.compile is True or (cfg.train.compile == "auto" and accelerator.device.type == "cuda"):
         compile_blocks(model, cfg.train.activation_memory_budget)
@@ -301,6 +362,14 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     if fsdp:
         params = lora_parameters(model)  # FSDP replaced them with sharded ones (and so did the optimizer's)
         logger.info("FSDP: each of %d blocks sharded over %d processes", blocks, accelerator.num_processes)
+    memory_plan = None
+    if planned:  # before the run's seeding: the probes' random numbers change nothing
+        memory_plan = plan_memory(cfg, accelerator, model, optimizer, dataset, fsdp)
+        offload = checkpoint_blocks(accelerator.unwrap_model(model), memory_plan.checkpointed, memory_plan.offloaded)
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    if offload:
+        logger.info("activation offload on %d of %d blocks: their saved activations wait in host memory",
+                    len(offload.offloaded), blocks)
 
     start_step = 0
     if checkpoint is not None:
@@ -376,6 +445,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
             if offload and step == start_step:  # known after the first forward
                 logger.info("activation offload: %.2f GiB of pinned host memory per micro-batch",
                             offload.offloaded_bytes / 2**30)
+            if memory_plan and step == start_step:
+                logger.info("first step: peak %.1f GiB of GPU memory allocated (planned for the largest sample: "
+                            "%.1f GiB)", torch.cuda.max_memory_allocated(accelerator.device) / 2**30,
+                            memory_plan.predicted_peak / 2**30)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1

@@ -328,6 +328,13 @@ class LatentCache(Dataset):
         return (tuple(entry["video_shape"]), audio, entry["text_len"], entry["has_video_loss_mask"], entry["fps"],
                 reference, entry["reference_downscale"], entry["reference_temporal_scale"])
 
+    def tokens(self, index: int, video: bool = True, audio: bool = True, reference: bool = False) -> int:
+        """The transformer's tokens for one sample, from the manifest: its text and the streams a mode uses."""
+        entry = self.entries[index]
+        counted = [(video, entry["video_shape"]), (reference, entry["reference_shape"])]
+        return (sum(math.prod(shape[1:]) for used, shape in counted if used and shape)
+                + (entry["audio_shape"][1] if audio and entry["audio_shape"] else 0) + entry["text_len"])
+
     def empty_prompt(self) -> dict[str, torch.Tensor]:
         """The empty caption's `video_text_embeds` [L, Dv], `audio_text_embeds` [L, Da] and `text_mask` [L], for
         caption dropout; checked against the target as the samples are."""

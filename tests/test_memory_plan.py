@@ -1,0 +1,210 @@
+"""`train.gradient_checkpointing: auto`: the plan from measured memory, the probes that measure it, the settings.
+
+On the CPU there is no allocator peak to read, so the probes' tests stand in a meter: the bytes the autograd graph
+saves for the backward (what a kept block holds until its backward), read through saved-tensor hooks."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+import trainer.train as train_module
+from trainer.config import ConfigError, resolve
+from trainer.lora import lora_parameters
+from trainer.memory_plan import DEFAULT_BUDGET_SHARE, OFFLOAD_SHARE, MemoryPlan, measure_block_memory, plan_blocks
+from trainer.models.registry import get_target
+from trainer.offload import LOOKAHEAD
+from trainer.performance import checkpoint_blocks
+
+from tests.tiny_training import lora_model, train_step
+
+GIB = 2**30
+# Measured on an H200, full-size LTX-2.3 at 6144 video tokens (docs/benchmarks.md): every block checkpointed, and
+# what each kept block adds (78.6 GiB with all 48 kept).
+BASE, PER_BLOCK = int(43.1 * GIB), int((78.6 - 43.1) / 48 * GIB)
+
+
+def test_plan_keeps_everything_when_it_fits():
+    assert plan_blocks(48, BASE, PER_BLOCK, budget=int(125 * GIB)) == MemoryPlan(0, 0, 48, BASE + 48 * PER_BLOCK)
+
+
+def test_plan_keeps_what_fits_offloads_a_quarter_at_most_and_checkpoints_the_rest():
+    budget = int(0.9 * 79.6 * GIB)  # an H100's 80 GB
+    kept = (budget - BASE) // PER_BLOCK
+    plan = plan_blocks(48, BASE, PER_BLOCK, budget)
+    assert plan == MemoryPlan(checkpointed=0, offloaded=48 - kept, kept=kept, predicted_peak=BASE + kept * PER_BLOCK)
+    assert 36 <= kept <= 40 and plan.predicted_peak <= budget
+    tight = plan_blocks(48, BASE, PER_BLOCK, budget=BASE + 20 * PER_BLOCK)
+    assert (tight.kept, tight.offloaded, tight.checkpointed) == (20, 12, 16)
+
+
+def test_plan_without_offload_checkpoints_what_does_not_fit():
+    plan = plan_blocks(48, BASE, PER_BLOCK, budget=BASE + 30 * PER_BLOCK, can_offload=False)
+    assert (plan.kept, plan.offloaded, plan.checkpointed) == (30, 0, 18)
+
+
+def test_plan_offloads_only_what_half_the_free_host_memory_holds():
+    plan = plan_blocks(48, BASE, PER_BLOCK, budget=BASE + 30 * PER_BLOCK, host_available=7 * PER_BLOCK)
+    assert (plan.kept, plan.offloaded, plan.checkpointed) == (30, 3, 15)
+
+
+def test_plan_offloads_no_more_than_fit_when_they_come_back_together():
+    # Two blocks fit: offloaded blocks come back LOOKAHEAD at a time, so no more than two may be offloaded.
+    plan = plan_blocks(48, BASE, PER_BLOCK, budget=BASE + 2 * PER_BLOCK + 1)
+    assert (plan.kept, plan.offloaded, plan.checkpointed) == (2, 2, 44)
+    assert plan.predicted_peak == BASE + 2 * PER_BLOCK
+
+
+def test_plan_checkpoints_every_block_when_nothing_more_fits_or_a_kept_block_is_unmeasured():
+    plan = plan_blocks(48, BASE, PER_BLOCK, budget=BASE - GIB)
+    assert plan == MemoryPlan(checkpointed=48, offloaded=0, kept=0, predicted_peak=BASE)
+    assert plan_blocks(48, BASE, None, budget=BASE + 60 * GIB) == plan
+
+
+@pytest.mark.parametrize("can_offload", [True, False])
+def test_every_plan_covers_every_block_and_stays_in_its_budget(can_offload):
+    for extra in range(0, 60 * GIB, GIB // 3):
+        plan = plan_blocks(48, BASE, PER_BLOCK, BASE + extra, can_offload=can_offload)
+        assert plan.checkpointed + plan.offloaded + plan.kept == 48 and min(vars(plan).values()) >= 0
+        assert plan.predicted_peak <= BASE + extra
+        assert plan.offloaded <= math.floor(48 * OFFLOAD_SHARE)
+        if plan.offloaded:
+            assert plan.kept >= min(plan.offloaded, LOOKAHEAD)
+
+
+class SavedBytesMeter:
+    """Stands in for the CUDA allocator's peak: bytes saved for the backward since the last reset. Tensors a
+    checkpointed block saves go to the checkpoint's own (inner) hooks and are not counted, as they are freed."""
+
+    def __init__(self, monkeypatch):
+        self.saved = 0
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: self.reset())
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.saved)
+
+    def reset(self):
+        self.saved = 0
+
+    def hooks(self):
+        def pack(tensor):
+            self.saved += tensor.numel() * tensor.element_size()
+            return tensor
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+
+
+def _saved_by_one_step(model, meter):
+    meter.reset()
+    with meter.hooks():
+        train_step(model)
+    model.zero_grad(set_to_none=True)
+    return meter.saved
+
+
+def test_probes_measure_what_a_kept_block_adds_and_leave_every_block_checkpointed(monkeypatch):
+    meter = SavedBytesMeter(monkeypatch)
+    model = lora_model()
+    blocks = len(model.transformer_blocks)
+    checkpoint_blocks(model, 0)
+    everything_kept = _saved_by_one_step(model, meter)
+    checkpoint_blocks(model, blocks)
+    every_block_checkpointed = _saved_by_one_step(model, meter)
+
+    with meter.hooks():
+        base, per_block = measure_block_memory(model, lambda: _saved_by_one_step(model, meter), torch.device("cpu"))
+    assert base == every_block_checkpointed
+    assert per_block == (everything_kept - every_block_checkpointed) // blocks > 0
+    assert _saved_by_one_step(model, meter) == every_block_checkpointed  # every block checkpointed again
+    assert all(p.grad is None for p in lora_parameters(model))
+
+
+def test_a_probe_out_of_memory_means_no_block_is_kept(monkeypatch):
+    meter = SavedBytesMeter(monkeypatch)
+    model = lora_model()
+    calls = []
+
+    def probe():
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        _saved_by_one_step(model, meter)
+
+    with meter.hooks():
+        base, per_block = measure_block_memory(model, probe, torch.device("cpu"))
+    assert per_block is None and base > 0 and len(calls) == 2
+    assert _saved_by_one_step(model, meter) == base
+
+
+def _config(tmp_path, **train):
+    return resolve({
+        "output_dir": str(tmp_path / "run"),
+        "model": {"target": "tiny-ltx-2.3"},
+        "lora": {"rank": 4},
+        "train": {"steps": 2, "batch_size": 2, "gradient_checkpointing": "auto", **train},
+        "data": {"cache_dir": str(tmp_path / "cache"),
+                 "synthetic": {"num_samples": 3, "frames": 9, "height": 64, "width": 96}},
+    })
+
+
+def test_trainer_plan_measures_the_largest_sample_and_leaves_no_gradients(tmp_path, monkeypatch):
+    cfg = _config(tmp_path)
+    accelerator = Accelerator(cpu=True)
+    dataset = train_module.open_dataset(cfg, get_target(cfg.model.target), accelerator)
+    sample = dataset[0]
+    video, audio, text = (math.prod(sample["video_latents"].shape[1:]), sample["audio_latents"].shape[1],
+                          sample["text_mask"].shape[0])
+    assert dataset.tokens(0) == video + audio + text
+    assert dataset.tokens(0, audio=False, reference=True) == 2 * video + text  # the synthetic reference: same size
+
+    meter = SavedBytesMeter(monkeypatch)
+    model = lora_model()
+    blocks = len(model.transformer_blocks)
+    optimizer = torch.optim.AdamW(lora_parameters(model))
+    optimizer_bytes = 2 * 4 * sum(p.numel() for p in lora_parameters(model))
+    measured = []
+    real_measure = train_module.measure_block_memory
+
+    def measure(*args):
+        measured.append(real_measure(*args))
+        return measured[-1]
+
+    monkeypatch.setattr(train_module, "measure_block_memory", measure)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=0))
+    with meter.hooks():
+        nothing_fits = train_module.plan_memory(cfg, accelerator, model, optimizer, dataset, fsdp=False)
+    base, per_block = measured[-1]
+    assert per_block > 0 and all(p.grad is None for p in lora_parameters(model))
+    assert nothing_fits == MemoryPlan(blocks, 0, 0, base + optimizer_bytes)
+
+    total = math.ceil((base + optimizer_bytes + per_block) / DEFAULT_BUDGET_SHARE)  # room for one kept block
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total))
+    with meter.hooks():
+        one_kept = train_module.plan_memory(cfg, accelerator, model, optimizer, dataset, fsdp=False)
+    assert measured[-1] == (base, per_block)  # the same probes, the same numbers
+    assert (one_kept.kept, one_kept.checkpointed) == (1, blocks - 1)
+
+    limited = _config(tmp_path, memory_limit_gib=(base + optimizer_bytes + 2 * per_block) / GIB)
+    with meter.hooks():
+        assert train_module.plan_memory(limited, accelerator, model, optimizer, dataset, fsdp=False).kept == 2
+
+
+def test_auto_on_the_cpu_trains_with_no_block_checkpointed(tmp_path, monkeypatch):
+    chosen = []
+    real = train_module.checkpoint_blocks
+    monkeypatch.setattr(train_module, "checkpoint_blocks",
+                        lambda model, *args: chosen.append(args) or real(model, *args))
+    result = train_module.train(_config(tmp_path), progress=False)
+    assert result.final_step == 2 and chosen == [(0, 0)]
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"offload_activations": 12}, "train.offload_activations = 12 cannot be combined with "
+                                  "train.gradient_checkpointing = 'auto'"),
+    ({"recompute_feedforward": True}, "train.recompute_feedforward = True cannot be combined"),
+    ({"gradient_checkpointing": 12, "memory_limit_gib": 70}, "train.memory_limit_gib = 70.0 is only used by "
+                                                             "train.gradient_checkpointing = 'auto' (it is 12)"),
+])
+def test_settings_that_auto_would_override_are_refused(tmp_path, train, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _config(tmp_path, **train)

@@ -1,0 +1,107 @@
+"""`train.gradient_checkpointing: auto`: how many blocks to keep, offload and checkpoint, from memory measured on the
+GPU the run trains on.
+
+Keeping a block's activations is fastest, offloading a few blocks is as fast (their copies hide behind the compute
+while the host link keeps up), and checkpointing costs a second forward of the block. What a kept block costs depends
+on the model, the tokens, the LoRA targets, the compiler's partitioning and the card, so it is measured, not
+estimated: two forward and backward passes on the largest batch of the data set, one with every block checkpointed
+and one with `PROBE_BLOCKS` blocks kept. Their peaks give the memory the rest of the step needs and what each kept
+block adds. The peak of a step is then close to
+
+    base + max(kept, in flight) * per_block
+
+where `in flight` is the offloaded blocks brought back ahead of their backward (at most `offload.LOOKAHEAD`). On an
+H200 with the full-size LTX-2.3 at 6144 video tokens (docs/benchmarks.md): every block checkpointed 43.1 GiB, 78.6
+GiB with all 48 kept (0.74 GiB a block); this predicts 69.7 GiB for 36 kept and 12 offloaded (measured 69.1), 60.9
+for 24 and 24 (59.7), 46.1 for all 48 offloaded (45.6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from trainer.offload import LOOKAHEAD
+from trainer.performance import checkpoint_blocks
+
+# Blocks kept in the second probe: enough to measure one block's cost well above the allocator's rounding, few enough
+# to fit wherever checkpointing every block fits with a little room.
+PROBE_BLOCKS = 4
+# Offloading is free up to about a quarter of the blocks (12 of 48 on an H200); beyond that each offloaded block cost
+# more time than checkpointing it (24 offloaded: 9.4 ms a block more than 12; checkpointing: 7.5 ms a block).
+OFFLOAD_SHARE = 0.25
+# Of the GPU's memory, the default budget for the allocated peak: the rest is the allocator's reserve (measured up to
+# 4.6 GiB above the allocated peak), the CUDA context and the communication buffers.
+DEFAULT_BUDGET_SHARE = 0.9
+# At most this share of the host memory available when planning goes to pinned activations.
+HOST_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Blocks are checkpointed first, then offloaded, then kept (trainer.performance.checkpoint_blocks)."""
+
+    checkpointed: int
+    offloaded: int
+    kept: int
+    predicted_peak: int  # bytes allocated
+
+    def describe(self) -> str:
+        return (f"{self.kept} blocks kept, {self.offloaded} offloaded, {self.checkpointed} checkpointed "
+                f"(predicted peak {self.predicted_peak / 2**30:.1f} GiB)")
+
+
+def plan_blocks(blocks: int, base: int, per_block: int | None, budget: int, can_offload: bool = True,
+                host_available: int | None = None) -> MemoryPlan:
+    """The fastest split of `blocks` blocks whose predicted peak stays within `budget` bytes: as many kept as fit, of
+    the rest up to a quarter offloaded (when `can_offload`, and within `HOST_SHARE` of `host_available` bytes of host
+    memory), the others checkpointed. `base` is the peak with every block checkpointed, `per_block` what a kept block
+    adds (None: unknown, as keeping blocks ran out of memory). When not even `base` fits, every block is checkpointed
+    (the caller warns)."""
+    if per_block is None:
+        return MemoryPlan(checkpointed=blocks, offloaded=0, kept=0, predicted_peak=base)
+    fits = blocks if per_block <= 0 else max(0, (budget - base) // per_block)
+    kept = min(blocks, fits)
+    offloaded = 0
+    if can_offload:
+        offloaded = min(blocks - kept, math.floor(blocks * OFFLOAD_SHARE))
+        if host_available is not None and per_block > 0:
+            offloaded = min(offloaded, int(host_available * HOST_SHARE) // per_block)
+        if kept < min(offloaded, LOOKAHEAD):  # the blocks brought back at once would not fit
+            offloaded = kept
+    in_flight = min(offloaded, LOOKAHEAD)
+    return MemoryPlan(checkpointed=blocks - kept - offloaded, offloaded=offloaded, kept=kept,
+                      predicted_peak=base + max(kept, in_flight) * per_block)
+
+
+def optimizer_state_bytes(model: torch.nn.Module) -> int:
+    """AdamW's two fp32 moments of every trainable value (of this process's shards under FSDP): they appear at the
+    first optimizer step, after the probes, and are added to what the probes measured."""
+    return 2 * 4 * sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+                       for p in model.parameters() if p.requires_grad)
+
+
+def measure_block_memory(model: torch.nn.Module, probe_step: Callable[[], None],
+                         device: torch.device) -> tuple[int, int | None]:
+    """(peak bytes of `probe_step` with every block checkpointed, bytes each kept block adds), from two runs of
+    `probe_step`: a forward and backward that leaves no gradients behind, even when it fails. The second is None when
+    keeping `PROBE_BLOCKS` blocks ran out of memory (then no block can be kept). Leaves every block checkpointed."""
+    blocks = len(model.transformer_blocks)
+    probed = min(PROBE_BLOCKS, blocks)
+    checkpoint_blocks(model, blocks)
+    torch.cuda.reset_peak_memory_stats(device)
+    probe_step()
+    base = torch.cuda.max_memory_allocated(device)
+    checkpoint_blocks(model, blocks - probed)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        probe_step()
+        per_block = max(0, torch.cuda.max_memory_allocated(device) - base) // probed
+    except torch.cuda.OutOfMemoryError:
+        per_block = None
+        torch.cuda.empty_cache()
+    checkpoint_blocks(model, blocks)
+    return base, per_block
