@@ -31,7 +31,9 @@ Variants:
   part recomputes the video feed-forward's hidden activation in the blocks not checkpointed (the first K of them;
   train.recompute_feedforward), e.g. compiled-ff or compiled-ckpt4-ff; an `-off` (or `-offK`) part keeps the saved
   activations of the blocks not checkpointed (the first K of them) in pinned host memory (train.offload_activations),
-  e.g. compiled-off12.
+  e.g. compiled-off12; a `-plan` (or `-planX`) part lets the memory plan choose kept, offloaded and checkpointed
+  blocks (train.gradient_checkpointing: auto) for a budget of 90% of the card (or X GiB), e.g. compiled-plan70, and
+  prints the plan and its predicted peak beside the measured one.
   A `-ddp` or `-fsdp` part runs the variant on `--gpus` GPUs (default: all), one process each with a batch of 1,
   under DistributedDataParallel or FSDP2 (every block its own unit, as configs/accelerate/fsdp.yaml), and reports the
   scaling efficiency against the same variant on one GPU when that ran first: step time alone / step time on N GPUs
@@ -58,6 +60,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.lora import inject_lora, lora_parameters
 from trainer.models.registry import TARGETS, build_random_transformer
+from trainer.memory_plan import DEFAULT_BUDGET_SHARE, measure_block_memory, optimizer_state_bytes, plan_blocks
 from trainer.modes import build_step_inputs, compute_loss
 from trainer.performance import checkpoint_blocks, compile_blocks, recompute_feedforward
 
@@ -154,7 +157,7 @@ def apply_variant(model, name: str) -> None:
             from kernels.install import install_attention
 
             install_attention(model)
-        elif part not in ("pertoken", "nomask", "ddp", "fsdp"):  # handled where the inputs and the model are built
+        elif part not in ("pertoken", "nomask", "ddp", "fsdp") and not part.startswith("plan"):  # handled later
             raise SystemExit(f"unknown part {part!r} of variant {name!r}")
     checkpoint_blocks(model, checkpointed, offloaded)
     recompute_feedforward(model, feedforward, after=checkpointed)
@@ -222,6 +225,11 @@ def build_ours(name: str, target, tokens: int, device: torch.device):
         params = lora_parameters(model)
         torch.cuda.empty_cache()
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    plan = next((part for part in parts if part.startswith("plan")), None)
+    if plan:
+        if distributed(name):
+            raise SystemExit(f"{name}: the -plan part is measured on one GPU")
+        plan_memory(model, inputs, optimizer, device, float(plan[4:]) * 2**30 if plan[4:] else None)
 
     def step() -> None:
         with torch.autocast("cuda", torch.bfloat16):
@@ -231,6 +239,29 @@ def build_ours(name: str, target, tokens: int, device: torch.device):
         optimizer.zero_grad(set_to_none=True)
 
     return step, flops, attention_flops
+
+
+def plan_memory(model, inputs, optimizer, device: torch.device, budget: float | None) -> None:
+    """Plans and applies the blocks' split as `train.gradient_checkpointing: auto` does (trainer/train.py), for the
+    benchmark's step, and prints the plan (PLAN lines)."""
+    def probe() -> None:
+        try:
+            with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True), torch.autocast("cuda", torch.bfloat16):
+                loss, _ = compute_loss(model, inputs)
+            with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
+                loss.backward()
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = int(budget or total * DEFAULT_BUDGET_SHARE)
+    base, per_block = measure_block_memory(model, probe, device)
+    base += optimizer_state_bytes(model)
+    plan = plan_blocks(len(model.transformer_blocks), base, per_block, budget)
+    checkpoint_blocks(model, plan.checkpointed, plan.offloaded)
+    print(f"PLAN every block checkpointed {base / 2**30:.2f} GiB, each kept block "
+          f"{(per_block or 0) / 2**30:.3f} GiB; budget {budget / 2**30:.1f} of {total / 2**30:.1f} GiB: "
+          f"{plan.describe()}", flush=True)
 
 
 def run_variant(name: str, target_name: str, tokens: int, warmup: int, steps: int, layers: int | None = None,
@@ -327,7 +358,8 @@ def main() -> None:
                                   "--warmup", str(args.warmup), "--steps", str(args.steps)]
             command += (["--layers", str(args.layers)] if args.layers else []) + (["--profile"] if args.profile else [])
             done = subprocess.run(command, capture_output=True, text=True)
-            print("\n".join(line for line in done.stdout.splitlines() if line.startswith("PROFILE")), flush=True)
+            print("\n".join(line for line in done.stdout.splitlines() if line.startswith(("PROFILE", "PLAN"))),
+                  flush=True)
             found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if found:
                 result = json.loads(found[-1].removeprefix("RESULT "))

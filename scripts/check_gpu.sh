@@ -9,11 +9,14 @@
 #               (configs/accelerate/*.yaml) with 2 processes, the FSDP run stopped at step 10 and resumed; prints
 #               the losses side by side and the LoRAs' largest relative difference (bf16: about 1e-3 expected);
 #               the single-process run goes first, so it writes the demo data and the cache the others reuse
+#   plan        train.gradient_checkpointing: auto (the memory plan) on one GPU and, with two or more, under DDP and
+#               FSDP: the logs show the probes' measurements, the plan, and the first step's real peak beside the
+#               predicted one
 # Logs go to $OUT (or ./gpu-check); run directories to a temporary folder.
 set -euo pipefail
 out=${OUT:-gpu-check}
 work=$(mktemp -d)
-steps=${*:-tests smoke ddp preprocess fsdp}
+steps=${*:-tests smoke ddp preprocess fsdp plan}
 gpus=$(nvidia-smi -L | wc -l)
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpus.txt"
@@ -65,6 +68,17 @@ for r in ("ddp", "fsdp"):
     print(r, max(((other[k] - one[k]).norm() / one[k].norm()).item() for k in one))
 PY
         ;;
-    *) echo "unknown step $step (tests, smoke, ddp, preprocess, fsdp)"; exit 2 ;;
+    plan)
+        auto=(-m trainer.cli train configs/smoke.yaml --set train.steps=20 --set train.gradient_checkpointing=auto
+              --set 'validation.prompts=[]' --set data.cache_dir="$work/cache" --set data.source="$work/demo")
+        python "${auto[@]}" --set output_dir="$work/plan" 2>&1 | stdbuf -oL tr '\r' '\n' | grep -v '^train: ' \
+            | tee "$out/plan.log"
+        [ "$gpus" -ge 2 ] || continue
+        for launcher in ddp fsdp; do
+            accelerate launch --config_file configs/accelerate/$launcher.yaml "${auto[@]}" \
+                --set output_dir="$work/plan-$launcher" 2>&1 | stdbuf -oL tr '\r' '\n' | grep -v '^train: ' \
+                | tee "$out/plan-$launcher.log"
+        done ;;
+    *) echo "unknown step $step (tests, smoke, ddp, preprocess, fsdp, plan)"; exit 2 ;;
     esac
 done
