@@ -5,15 +5,18 @@ Keeping a block's activations is fastest, offloading a few blocks is as fast (th
 while the host link keeps up), and checkpointing costs a second forward of the block. What a kept block costs depends
 on the model, the tokens, the LoRA targets, the compiler's partitioning and the card, so it is measured, not
 estimated: two forward and backward passes on the largest batch of the data set, one with every block checkpointed
-and one with `PROBE_BLOCKS` blocks kept. Their peaks give the memory the rest of the step needs and what each kept
-block adds. The peak of a step is then close to
+(peak `base`) and one with `PROBE_BLOCKS` blocks kept. The peak of a step is then close to
 
-    base + max(kept, in flight) * per_block
+    base + (max(kept, in flight) - 1) * per_block        (or base, when nothing is kept or in flight)
 
-where `in flight` is the offloaded blocks brought back ahead of their backward (at most `offload.LOOKAHEAD`). On an
-H200 with the full-size LTX-2.3 at 6144 video tokens (docs/benchmarks.md): every block checkpointed 43.1 GiB, 78.6
-GiB with all 48 kept (0.74 GiB a block); this predicts 69.7 GiB for 36 kept and 12 offloaded (measured 69.1), 60.9
-for 24 and 24 (59.7), 46.1 for all 48 offloaded (45.6).
+where `in flight` is the offloaded blocks back on the GPU at once (at most `offload.LOOKAHEAD` brought back ahead of
+the block whose backward runs, and that block). The
+"- 1": with every block checkpointed, the peak already holds one block's activations, recomputed in the backward of
+the last block; a first kept block takes that place, as the recomputation comes after its memory is freed. So the
+probe with k blocks kept measures k - 1 blocks. On an H200 with the full-size LTX-2.3 at 6144 video tokens
+(docs/benchmarks.md): every block checkpointed 43.1 GiB, all 48 kept 78.6 GiB (0.755 GiB for each of 47 blocks);
+this predicts 69.5 GiB for 12 blocks checkpointed and 36 kept (measured 69.5), 69.5 for 12 offloaded and 36 kept
+(69.1), 60.5 for 24 offloaded and 24 kept (59.7), 46.1 for all 48 offloaded (45.6).
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import torch
 from trainer.offload import LOOKAHEAD
 from trainer.performance import checkpoint_blocks
 
-# Blocks kept in the second probe: enough to measure one block's cost well above the allocator's rounding, few enough
-# to fit wherever checkpointing every block fits with a little room.
+# Blocks kept in the second probe: enough to measure a block's cost (three blocks' worth) well above the allocator's
+# rounding, few enough to fit wherever checkpointing every block fits with a little room.
 PROBE_BLOCKS = 4
 # Offloading is free up to about a quarter of the blocks (12 of 48 on an H200); beyond that each offloaded block cost
 # more time than checkpointing it (24 offloaded: 9.4 ms a block more than 12; checkpointing: 7.5 ms a block).
@@ -58,23 +61,23 @@ def plan_blocks(blocks: int, base: int, per_block: int | None, budget: int, can_
                 host_available: int | None = None) -> MemoryPlan:
     """The fastest split of `blocks` blocks whose predicted peak stays within `budget` bytes: as many kept as fit, of
     the rest up to a quarter offloaded (when `can_offload`, and within `HOST_SHARE` of `host_available` bytes of host
-    memory), the others checkpointed. `base` is the peak with every block checkpointed, `per_block` what a kept block
-    adds (None: unknown, as keeping blocks ran out of memory). When not even `base` fits, every block is checkpointed
-    (the caller warns)."""
-    if per_block is None:
+    memory), the others checkpointed. `base` is the peak with every block checkpointed, `per_block` what each kept
+    block after the first adds (None: unknown, as keeping blocks ran out of memory). When not even `base` fits, every
+    block is checkpointed (the caller warns)."""
+    if per_block is None or budget < base:
         return MemoryPlan(checkpointed=blocks, offloaded=0, kept=0, predicted_peak=base)
-    fits = blocks if per_block <= 0 else max(0, (budget - base) // per_block)
-    kept = min(blocks, fits)
+    slots = blocks if per_block <= 0 else (budget - base) // per_block + 1  # blocks' activations the peak can hold
+    kept = min(blocks, slots)
     offloaded = 0
     if can_offload:
         offloaded = min(blocks - kept, math.floor(blocks * OFFLOAD_SHARE))
         if host_available is not None and per_block > 0:
             offloaded = min(offloaded, int(host_available * HOST_SHARE) // per_block)
-        if kept < min(offloaded, LOOKAHEAD):  # the blocks brought back at once would not fit
-            offloaded = kept
-    in_flight = min(offloaded, LOOKAHEAD)
+        if min(offloaded, LOOKAHEAD + 1) > slots:  # the blocks back on the GPU at once would not fit
+            offloaded = slots
+    held = max(kept, min(offloaded, LOOKAHEAD + 1))
     return MemoryPlan(checkpointed=blocks - kept - offloaded, offloaded=offloaded, kept=kept,
-                      predicted_peak=base + max(kept, in_flight) * per_block)
+                      predicted_peak=base + max(0, held - 1) * per_block)
 
 
 def optimizer_state_bytes(model: torch.nn.Module) -> int:
@@ -86,20 +89,23 @@ def optimizer_state_bytes(model: torch.nn.Module) -> int:
 
 def measure_block_memory(model: torch.nn.Module, probe_step: Callable[[], None],
                          device: torch.device) -> tuple[int, int | None]:
-    """(peak bytes of `probe_step` with every block checkpointed, bytes each kept block adds), from two runs of
-    `probe_step`: a forward and backward that leaves no gradients behind, even when it fails. The second is None when
-    keeping `PROBE_BLOCKS` blocks ran out of memory (then no block can be kept). Leaves every block checkpointed."""
+    """(peak bytes of `probe_step` with every block checkpointed, bytes each further kept block adds), from two runs
+    of `probe_step`: a forward and backward that leaves no gradients behind, even when it fails. The second is None
+    when keeping `PROBE_BLOCKS` blocks ran out of memory (then no block can be kept), or for a model of one block.
+    Leaves every block checkpointed."""
     blocks = len(model.transformer_blocks)
     probed = min(PROBE_BLOCKS, blocks)
     checkpoint_blocks(model, blocks)
     torch.cuda.reset_peak_memory_stats(device)
     probe_step()
     base = torch.cuda.max_memory_allocated(device)
+    if probed < 2:
+        return base, None
     checkpoint_blocks(model, blocks - probed)
     torch.cuda.reset_peak_memory_stats(device)
     try:
         probe_step()
-        per_block = max(0, torch.cuda.max_memory_allocated(device) - base) // probed
+        per_block = max(0, torch.cuda.max_memory_allocated(device) - base) // (probed - 1)
     except torch.cuda.OutOfMemoryError:
         per_block = None
         torch.cuda.empty_cache()
