@@ -146,11 +146,11 @@ def test_a_probe_out_of_memory_means_no_block_is_kept(monkeypatch):
     assert _saved_by_one_step(model, meter) == base
 
 
-def _config(tmp_path, **train):
+def _config(tmp_path, lora=None, **train):
     return resolve({
         "output_dir": str(tmp_path / "run"),
         "model": {"target": "tiny-ltx-2.3"},
-        "lora": {"rank": 4},
+        "lora": {"rank": 4, **(lora or {})},
         "train": {"steps": 2, "batch_size": 2, "gradient_checkpointing": "auto", **train},
         "data": {"cache_dir": str(tmp_path / "cache"),
                  "synthetic": {"num_samples": 3, "frames": 9, "height": 64, "width": 96}},
@@ -218,3 +218,22 @@ def test_auto_on_the_cpu_trains_with_no_block_checkpointed(tmp_path, monkeypatch
 def test_settings_that_auto_would_override_are_refused(tmp_path, train, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _config(tmp_path, **train)
+
+
+@pytest.mark.parametrize("limit_gib, by_hand", [(1000.0, False), (1e-6, True)])
+def test_a_planned_run_trains_exactly_as_the_same_split_set_by_hand(tmp_path, monkeypatch, caplog, limit_gib,
+                                                                     by_hand):
+    """The plan running as on a GPU: the probes change nothing (LoRA dropout draws random numbers, so a probe that
+    drew from the run's generators would show), and the split they choose trains as when set by hand."""
+    meter = SavedBytesMeter(monkeypatch)
+    monkeypatch.setattr(train_module, "plans_memory", lambda cfg, device: cfg.train.gradient_checkpointing == "auto")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * GIB))
+    planned = _config(tmp_path / "planned", lora={"dropout": 0.1}, memory_limit_gib=limit_gib)
+    with meter.hooks(), caplog.at_level("INFO", logger="ltx_lora"):
+        planned_losses = train_module.train(planned, progress=False).losses
+    kept = 0 if by_hand else 2
+    assert f"{kept} blocks kept, 0 offloaded, {2 - kept} checkpointed" in caplog.text
+    assert "first step: peak" in caplog.text
+
+    explicit = _config(tmp_path / "explicit", lora={"dropout": 0.1}, gradient_checkpointing=by_hand)
+    assert train_module.train(explicit, progress=False).losses == planned_losses

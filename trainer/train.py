@@ -103,6 +103,12 @@ def _block_count(setting: bool | int, blocks: int) -> int:
     return blocks if setting is True else int(setting)
 
 
+def plans_memory(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether `train.gradient_checkpointing: auto` measures and plans: on a GPU (on the CPU nothing is checkpointed:
+    host memory is not planned for)."""
+    return cfg.train.gradient_checkpointing == "auto" and device.type == "cuda"
+
+
 def plan_memory(cfg: RunConfig, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 dataset: LatentCache, fsdp: bool) -> MemoryPlan:
     """`train.gradient_checkpointing: auto` on a GPU: measures the memory of two probe steps on the largest sample
@@ -344,7 +350,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
 
         install_attention(model)
     blocks = len(model.transformer_blocks)
-    planned = cfg.train.gradient_checkpointing == "auto" and accelerator.device.type == "cuda"
+    planned = plans_memory(cfg, accelerator.device)
     if cfg.train.gradient_checkpointing == "auto":  # on a GPU: planned below, after every block checkpointed for the
         checkpointed = blocks if planned else 0     # probes; on the CPU the host memory is not planned for
     else:
