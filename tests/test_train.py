@@ -269,6 +269,7 @@ def test_offloaded_activations_train_the_same_and_say_how_much_went_to_the_host(
                                                                "offload_activations": True})), progress=False)
     assert offloaded.losses == pytest.approx(plain.losses, rel=1e-6)
     assert "activation offload on 1 of 2 blocks" in caplog.text
+    assert "train.offload_activations on the CPU copies activations into the memory they are already in" in caplog.text
     assert caplog.text.count("GiB of pinned host memory per micro-batch") == 1  # after the first step only
 
 

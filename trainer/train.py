@@ -376,6 +376,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     if offload:
         logger.info("activation offload on %d of %d blocks: their saved activations wait in host memory",
                     len(offload.offloaded), blocks)
+        if accelerator.device.type == "cpu":
+            logger.warning("train.offload_activations on the CPU copies activations into the memory they are "
+                           "already in: it costs time and saves nothing (it is meant for GPUs)")
 
     start_step = 0
     if checkpoint is not None:
