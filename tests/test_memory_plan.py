@@ -17,7 +17,7 @@ from trainer.memory_plan import DEFAULT_BUDGET_SHARE, OFFLOAD_SHARE, MemoryPlan,
 from trainer.models.registry import get_target
 from trainer.performance import checkpoint_blocks
 
-from tests.tiny_training import lora_model, train_step
+from tiny_training import lora_model, train_step
 
 GIB = 2**30
 # Measured on an H200, full-size LTX-2.3 at 6144 video tokens (docs/benchmarks.md): the peak with every block
