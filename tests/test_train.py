@@ -222,6 +222,23 @@ def test_caption_dropout_replaces_text_with_the_empty_prompt():
         assert torch.equal(batch[key][~dropped], original[key][~dropped])
 
 
+def test_an_all_ones_text_mask_is_dropped_on_the_host_and_means_the_same_to_the_transformer():
+    from tiny_training import lora_model, step_inputs
+
+    padded = {"text_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]), "fps": 24.0}
+    assert torch.equal(train_module.batch_to_device(padded, torch.device("cpu"))["text_mask"], padded["text_mask"])
+    full = {"text_mask": torch.ones(2, 3, dtype=torch.long), "fps": 24.0}
+    assert train_module.batch_to_device(full, torch.device("cpu")) == {"text_mask": None, "fps": 24.0}
+
+    model, kwargs = lora_model(), step_inputs().model_kwargs
+    assert kwargs["encoder_attention_mask"].all()  # the tiny step's mask is all ones
+    with torch.no_grad():
+        masked = model(**kwargs)
+        unmasked = model(**{**kwargs, "encoder_attention_mask": None, "audio_encoder_attention_mask": None})
+    for a, b in zip(masked, unmasked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_caption_dropout_needs_the_cached_empty_prompt(tmp_path):
     cfg = resolve(_config(tmp_path, train={"caption_dropout_p": 0.3}))  # a synthetic cache has no empty prompt
     with pytest.raises(CacheError, match=r"empty_prompt.safetensors is missing \(caption dropout needs it\)"):

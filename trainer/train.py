@@ -122,8 +122,7 @@ def plan_memory(cfg: RunConfig, accelerator: Accelerator, model: torch.nn.Module
     batch = collate([dataset[largest]] * cfg.train.batch_size)
 
     def probe_step() -> None:
-        on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        inputs = build_step_inputs(on_device, cfg.mode, torch.Generator().manual_seed(0),
+        inputs = build_step_inputs(batch_to_device(batch, device), cfg.mode, torch.Generator().manual_seed(0),
                                    cfg.conditioning.first_frame_p)
         try:
             with accelerator.no_sync(model):
@@ -256,6 +255,16 @@ def drop_captions(batch: dict[str, Any], empty: dict[str, torch.Tensor], probabi
     dropped = torch.rand(batch["text_mask"].shape[0], generator=generator) < probability
     for key, value in empty.items():
         batch[key][dropped.to(batch[key].device)] = value.to(batch[key].device, batch[key].dtype)
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch on `device`. An all-ones text mask (what the published connectors give: their registers replace the
+    padding) becomes None, which means the same to the transformer and spares the text attentions an additive bias of
+    zeros. It is checked on the host, before the copy, so that the step never waits for the GPU to answer."""
+    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if bool(batch["text_mask"].all()):
+        on_device["text_mask"] = None
+    return on_device
 
 
 def noise_generator(seed: int, micro_batch: int) -> torch.Generator:
@@ -426,11 +435,12 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
             loss_sum = torch.zeros((), device=accelerator.device)
             parts_sum: dict[str, torch.Tensor] = {}
             for micro in range(accum):
-                batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
+                batch = next(batches)
                 micro_batch = (step * accum + micro) * world + rank  # its place in the run's global sequence
-                if empty_prompt is not None:
+                if empty_prompt is not None:  # on the host, before the mask is looked at
                     dropout_generator = noise_generator(cfg.train.seed + 1, micro_batch)
                     drop_captions(batch, empty_prompt, cfg.train.caption_dropout_p, dropout_generator)
+                batch = batch_to_device(batch, accelerator.device)
                 generator = noise_generator(cfg.train.seed, micro_batch)
                 inputs = build_step_inputs(batch, cfg.mode, generator, cfg.conditioning.first_frame_p)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
