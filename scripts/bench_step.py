@@ -22,9 +22,10 @@ Variants:
   a `-triton` part routes attention through our fused Triton kernel (kernels: triton), e.g. compiled-ckpt-triton;
   a `-noagg` part turns off the partitioner's aggressive recomputation (on in the trainer: recompute every cheap
   elementwise op rather than keep its output), e.g. compiled-noagg; a `-pertoken` part passes the timesteps per
-  token, as before they were given once per sample; a `-nomask` part passes no text attention mask (the trainer passes
-  the all-ones mask of the published connectors, which SDPA turns into an additive bias and which may steer the text
-  cross-attention away from cuDNN); a `-cg` part replays the compiled blocks as CUDA graphs;
+  token, as before they were given once per sample; a `-mask` part passes the all-ones text attention mask of the
+  published connectors, which SDPA gets as an additive bias of zeros (the trainer passes none since 2026-11-27,
+  fifth session: trainer.train.batch_to_device; earlier rounds passed it); a `-cg` part replays the compiled blocks
+  as CUDA graphs;
   an `-autotune` part lets the compiler choose each matrix product's kernel by timing Triton templates against cuBLAS
   (inductor's max_autotune_gemm: the rank-32 LoRA products, and products with their elementwise epilogue fused);
   an `-fp8` part runs the frozen base Linears in fp8 (train.fp8), e.g. compiled-ckpt12-fp8; an `-ff` (or `-ffK`)
@@ -63,6 +64,7 @@ from trainer.models.registry import TARGETS, build_random_transformer
 from trainer.memory_plan import DEFAULT_BUDGET_SHARE, measure_block_memory, optimizer_state_bytes, plan_blocks
 from trainer.modes import build_step_inputs, compute_loss
 from trainer.performance import checkpoint_blocks, compile_blocks, recompute_feedforward
+from trainer.train import batch_to_device
 
 # The video feed-forward's names do not match the audio one's (`audio_ff.net.2`): both are listed.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "audio_ff.net.0.proj",
@@ -74,7 +76,8 @@ AUDIO_TOKENS, TEXT_TOKENS = 126, 1024
 ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
-def batch_for(target, tokens: int, device: torch.device) -> dict:
+def batch_for(target, tokens: int) -> dict:
+    """The benchmark's batch, on the host (as the data loader gives it to the trainer)."""
     g = torch.Generator().manual_seed(0)
     frames, height, width = GRIDS[tokens]
     batch = {
@@ -84,7 +87,6 @@ def batch_for(target, tokens: int, device: torch.device) -> dict:
         "audio_text_embeds": torch.randn(1, TEXT_TOKENS, target.audio_text_dim, generator=g),
         "text_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.long),
     }
-    batch = {k: v.to(device) for k, v in batch.items()}
     batch["fps"] = 24.0
     return batch
 
@@ -157,7 +159,7 @@ def apply_variant(model, name: str) -> None:
             from kernels.install import install_attention
 
             install_attention(model)
-        elif part not in ("pertoken", "nomask", "ddp", "fsdp") and not part.startswith("plan"):  # handled later
+        elif part not in ("pertoken", "mask", "ddp", "fsdp") and not part.startswith("plan"):  # handled later
             raise SystemExit(f"unknown part {part!r} of variant {name!r}")
     checkpoint_blocks(model, checkpointed, offloaded)
     recompute_feedforward(model, feedforward, after=checkpointed)
@@ -202,14 +204,16 @@ def build_ours(name: str, target, tokens: int, device: torch.device):
     model = build_random_transformer(target, seed=0, dtype=torch.bfloat16, device=device)
     inject_lora(model, 32, 32.0, 0.0, LORA_TARGETS)
     params = lora_parameters(model)
-    inputs = build_step_inputs(batch_for(target, tokens, device), "text-to-audio-video",
-                               torch.Generator().manual_seed(0))
+    batch = batch_for(target, tokens)
+    if "mask" in name.split("-"):  # as the trainer passed it before (every text token is real here)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    else:
+        batch = batch_to_device(batch, device)  # as the trainer does: the all-ones mask becomes None
+    inputs = build_step_inputs(batch, "text-to-audio-video", torch.Generator().manual_seed(0))
     if "pertoken" in name.split("-"):
         kw = inputs.model_kwargs
         kw["timestep"] = kw["timestep"].expand(kw["hidden_states"].shape[:2])
         kw["audio_timestep"] = kw["audio_timestep"].expand(kw["audio_hidden_states"].shape[:2])
-    if "nomask" in name.split("-"):  # every text token is real here, so no mask changes nothing but the kernel
-        inputs.model_kwargs["encoder_attention_mask"] = inputs.model_kwargs["audio_encoder_attention_mask"] = None
     with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
         flops, attention_flops = model_flops(model, inputs)
     apply_variant(model, name)
