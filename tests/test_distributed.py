@@ -3,6 +3,7 @@ the same samples, the same noise, the same averaged gradients; with DDP, and wit
 sets it up."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(tmp_path, name, processes, accumulation, fsdp=False, args=(), grad_clip=1.0, **train):
+def _run(tmp_path, name, processes, accumulation, fsdp=False, args=(), grad_clip=1.0, script=None, env=None,
+         **train):
     config = {
         "output_dir": str(tmp_path / name),
         "model": {"target": "tiny-ltx-2.3"},
@@ -32,11 +34,12 @@ def _run(tmp_path, name, processes, accumulation, fsdp=False, args=(), grad_clip
     if fsdp:  # accelerate applies FSDP to GPU processes only: tests/fsdp_on_cpu.py keeps it on for CPU (gloo) ones
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                     str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", str(processes),
-                    str(ROOT / "tests" / "fsdp_on_cpu.py")]
+                    str(ROOT / "tests" / (script or "fsdp_on_cpu.py"))]
     else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m",
-                    "trainer.cli"]
-    done = subprocess.run([*launcher, "train", str(path), *args], capture_output=True, text=True, timeout=600)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                    *([str(ROOT / "tests" / script)] if script else ["-m", "trainer.cli"])]
+    done = subprocess.run([*launcher, "train", str(path), *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return losses, load_file(tmp_path / name / "lora.safetensors"), done.stdout + done.stderr
@@ -103,6 +106,24 @@ def test_offloaded_activations_under_fsdp_give_the_same_loss_and_gradients(tmp_p
     assert loss == plain[0]
     for got, want in zip(grads, plain[1]):
         torch.testing.assert_close(got.full_tensor(), want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_processes_share_one_memory_plan_and_train_as_one_process(tmp_path, fsdp):
+    """`gradient_checkpointing: auto` planned as on GPUs (tests/plan_on_cpu.py). Under DDP nothing runs out of memory
+    and both processes keep both blocks, switching off the checkpointing the probes used; under FSDP the second
+    process runs out of memory in a probe, so both must checkpoint every block, though the first measured room."""
+    one, lora_one, _ = _run(tmp_path, "one", processes=1, accumulation=2)
+    env = {"PLAN_OUT_OF_MEMORY_RANK": "1"} if fsdp else {}
+    two, lora_two, output = _run(tmp_path, "two", processes=2, accumulation=1, fsdp=fsdp, script="plan_on_cpu.py",
+                                 env=env, gradient_checkpointing="auto")
+    kept = 0 if fsdp else 2
+    assert output.count(f"{kept} blocks kept, 0 offloaded, {2 - kept} checkpointed") == 2  # the same on both
+    assert output.count("keeping 2 blocks ran out of GPU memory") == (2 if fsdp else 0)
+    assert two == pytest.approx(one, rel=1e-5)
+    for key, tensor in lora_one.items():
+        torch.testing.assert_close(lora_two[key], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_fsdp_refuses_what_it_cannot_do_naming_the_keys():
