@@ -12,6 +12,7 @@ from accelerate import Accelerator
 
 import trainer.train as train_module
 from trainer.config import ConfigError, resolve
+from trainer.data.batches import collate
 from trainer.lora import lora_parameters
 from trainer.memory_plan import DEFAULT_BUDGET_SHARE, OFFLOAD_SHARE, MemoryPlan, measure_block_memory, plan_blocks
 from trainer.models.registry import get_target
@@ -181,8 +182,12 @@ def test_trainer_plan_measures_the_largest_sample_and_leaves_no_gradients(tmp_pa
 
     monkeypatch.setattr(train_module, "measure_block_memory", measure)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=0))
+    probed = []
+    monkeypatch.setattr(train_module, "collate", lambda samples: probed.append(samples) or collate(samples))
+    monkeypatch.setattr(dataset, "tokens", lambda i, **streams: 100 if i == 1 else 10)  # the second is the largest
     with meter.hooks():
         nothing_fits = train_module.plan_memory(cfg, accelerator, model, optimizer, dataset, fsdp=False)
+    assert [[sample["name"] for sample in samples] for samples in probed] == [[dataset[1]["name"]] * 2]  # batch 2
     base, per_block = measured[-1]
     assert per_block > 0 and all(p.grad is None for p in lora_parameters(model))
     assert nothing_fits == MemoryPlan(blocks, 0, 0, base + optimizer_bytes)
