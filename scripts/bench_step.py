@@ -56,12 +56,13 @@ import subprocess
 import sys
 import time
 
+import psutil
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.lora import inject_lora, lora_parameters
 from trainer.models.registry import TARGETS, build_random_transformer
-from trainer.memory_plan import DEFAULT_BUDGET_SHARE, measure_block_memory, optimizer_state_bytes, plan_blocks
+from trainer.memory_plan import measure_block_memory, memory_budget, optimizer_state_bytes, plan_blocks
 from trainer.modes import build_step_inputs, compute_loss
 from trainer.performance import checkpoint_blocks, compile_blocks, recompute_feedforward
 from trainer.train import batch_to_device
@@ -233,7 +234,7 @@ def build_ours(name: str, target, tokens: int, device: torch.device):
     if plan:
         if distributed(name):
             raise SystemExit(f"{name}: the -plan part is measured on one GPU")
-        plan_memory(model, inputs, optimizer, device, float(plan[4:]) * 2**30 if plan[4:] else None)
+        plan_memory(model, inputs, optimizer, device, float(plan[4:]) if plan[4:] else None)
 
     def step() -> None:
         with torch.autocast("cuda", torch.bfloat16):
@@ -245,7 +246,7 @@ def build_ours(name: str, target, tokens: int, device: torch.device):
     return step, flops, attention_flops
 
 
-def plan_memory(model, inputs, optimizer, device: torch.device, budget: float | None) -> None:
+def plan_memory(model, inputs, optimizer, device: torch.device, limit_gib: float | None) -> None:
     """Plans and applies the blocks' split as `train.gradient_checkpointing: auto` does (trainer/train.py), for the
     benchmark's step, and prints the plan (PLAN lines)."""
     def probe() -> None:
@@ -258,10 +259,11 @@ def plan_memory(model, inputs, optimizer, device: torch.device, budget: float | 
             optimizer.zero_grad(set_to_none=True)
 
     total = torch.cuda.get_device_properties(device).total_memory
-    budget = int(budget or total * DEFAULT_BUDGET_SHARE)
+    budget = memory_budget(device, limit_gib)
     base, per_block = measure_block_memory(model, probe, device)
     base += optimizer_state_bytes(model)
-    plan = plan_blocks(len(model.transformer_blocks), base, per_block, budget)
+    plan = plan_blocks(len(model.transformer_blocks), base, per_block, budget,
+                       host_available=psutil.virtual_memory().available)
     checkpoint_blocks(model, plan.checkpointed, plan.offloaded)
     print(f"PLAN every block checkpointed {base / 2**30:.2f} GiB, each kept block "
           f"{(per_block or 0) / 2**30:.3f} GiB; budget {budget / 2**30:.1f} of {total / 2**30:.1f} GiB: "

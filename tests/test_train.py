@@ -263,7 +263,8 @@ def test_speed_switches_reach_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "checkpoint_blocks",
                         lambda model, blocks, offloaded: calls.append(("checkpoint", blocks, offloaded)))
     monkeypatch.setattr(train_module, "compile_blocks", lambda model, budget: calls.append(("compile", budget)))
-    monkeypatch.setattr(train_module, "recompute_feedforward", lambda model, blocks, after: calls.append(("ff", blocks, after)))
+    monkeypatch.setattr(train_module, "recompute_feedforward",
+                        lambda model, blocks, after: calls.append(("ff", blocks, after)))
     train(resolve(_config(tmp_path / "a", train={"steps": 1, "gradient_checkpointing": 1})), progress=False)
     assert calls == [("checkpoint", 1, 0), ("ff", 0, 1)]  # compile: auto is off on the CPU
     calls.clear()

@@ -12,10 +12,12 @@ estimated: two forward and backward passes on the largest batch of the data set,
 where `in flight` is the offloaded blocks back on the GPU at once (at most `offload.LOOKAHEAD` brought back ahead of
 the block whose backward runs, and that block). The "- 1": with every block checkpointed, the peak already holds one
 block's activations, recomputed in the backward of the last block; a first kept block takes that place, as the
-recomputation comes after its memory is freed. So the probe with k blocks kept measures k - 1 blocks. On an H200 with the full-size LTX-2.3 at 6144 video tokens
-(docs/benchmarks.md): every block checkpointed 43.1 GiB, all 48 kept 78.6 GiB (0.755 GiB for each of 47 blocks);
-this predicts 69.5 GiB for 12 blocks checkpointed and 36 kept (measured 69.5), 69.5 for 12 offloaded and 36 kept
-(69.1), 60.5 for 24 offloaded and 24 kept (59.7), 46.1 for all 48 offloaded (45.6).
+recomputation comes after its memory is freed. So the probe with k blocks kept measures k - 1 blocks.
+
+On an H200 with the full-size LTX-2.3 at 6144 video tokens (docs/benchmarks.md): every block checkpointed 43.1 GiB,
+all 48 kept 78.6 GiB (0.755 GiB for each of 47 blocks); this predicts 69.5 GiB for 12 blocks checkpointed and 36
+kept (measured 69.5), 69.5 for 12 offloaded and 36 kept (69.1), 60.5 for 24 offloaded and 24 kept (59.7), 46.1 for
+all 48 offloaded (45.6).
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ def plan_blocks(blocks: int, base: int, per_block: int | None, budget: int, can_
     held = max(kept, min(offloaded, LOOKAHEAD + 1))
     return MemoryPlan(checkpointed=blocks - kept - offloaded, offloaded=offloaded, kept=kept,
                       predicted_peak=base + max(0, held - 1) * per_block)
+
+
+def memory_budget(device: torch.device, limit_gib: float | None = None) -> int:
+    """The bytes a plan may fill: `limit_gib` when given, else `DEFAULT_BUDGET_SHARE` of the GPU's memory."""
+    if limit_gib:
+        return int(limit_gib * 2**30)
+    return int(torch.cuda.get_device_properties(device).total_memory * DEFAULT_BUDGET_SHARE)
 
 
 def optimizer_state_bytes(model: torch.nn.Module) -> int:

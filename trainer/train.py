@@ -51,10 +51,10 @@ from trainer.lora import (
 from trainer.export import export_run
 from trainer.fp8 import check_fp8_device, use_fp8_base_linears
 from trainer.memory_plan import (
-    DEFAULT_BUDGET_SHARE,
     PROBE_BLOCKS,
     MemoryPlan,
     measure_block_memory,
+    memory_budget,
     optimizer_state_bytes,
     plan_blocks,
 )
@@ -148,8 +148,7 @@ def plan_memory(cfg: RunConfig, accelerator: Accelerator, model: torch.nn.Module
         logger.info("memory plan: every block checkpointed %.1f GiB, each kept block %.2f GiB more", base / 2**30,
                     per_block / 2**30)
     total = torch.cuda.get_device_properties(device).total_memory
-    limit = cfg.train.memory_limit_gib
-    budget = int(limit * 2**30) if limit else int(total * DEFAULT_BUDGET_SHARE)
+    budget = memory_budget(device, cfg.train.memory_limit_gib)
     plan = plan_blocks(blocks, base, per_block, budget, can_offload=accelerator.num_processes == 1,
                        host_available=psutil.virtual_memory().available)
     logger.info("memory plan (budget %.1f of %.1f GiB): %s", budget / 2**30, total / 2**30, plan.describe())
@@ -359,11 +358,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
 
         install_attention(model)
     blocks = len(model.transformer_blocks)
-    planned = plans_memory(cfg, accelerator.device)
-    if cfg.train.gradient_checkpointing == "auto":  # on a GPU: planned below, after every block checkpointed for the
-        checkpointed = blocks if planned else 0     # probes; on the CPU the host memory is not planned for
-    else:
-        checkpointed = _block_count(cfg.train.gradient_checkpointing, blocks)
+    # auto: no block checkpointed here; on a GPU the memory plan below sets the blocks up, on the CPU they stay so
+    setting = cfg.train.gradient_checkpointing
+    checkpointed = 0 if setting == "auto" else _block_count(setting, blocks)
     offload = checkpoint_blocks(model, checkpointed, _block_count(cfg.train.offload_activations, blocks))
     recompute_feedforward(model, _block_count(cfg.train.recompute_feedforward, blocks), after=checkpointed)
     if cfg.train.compile is True or (cfg.train.compile == "auto" and accelerator.device.type == "cuda"):
@@ -378,7 +375,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
         params = lora_parameters(model)  # FSDP replaced them with sharded ones (and so did the optimizer's)
         logger.info("FSDP: each of %d blocks sharded over %d processes", blocks, accelerator.num_processes)
     memory_plan = None
-    if planned:  # before the run's seeding: the probes' random numbers change nothing
+    if plans_memory(cfg, accelerator.device):  # before the run's seeding: the probes' random numbers change nothing
         memory_plan = plan_memory(cfg, accelerator, model, optimizer, dataset, fsdp)
         offload = checkpoint_blocks(accelerator.unwrap_model(model), memory_plan.checkpointed, memory_plan.offloaded)
         torch.cuda.reset_peak_memory_stats(accelerator.device)
