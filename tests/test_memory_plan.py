@@ -14,7 +14,9 @@ import trainer.train as train_module
 from trainer.config import ConfigError, resolve
 from trainer.data.batches import collate
 from trainer.lora import lora_parameters
-from trainer.memory_plan import DEFAULT_BUDGET_SHARE, OFFLOAD_SHARE, MemoryPlan, measure_block_memory, plan_blocks
+from trainer.memory_plan import (DEFAULT_BUDGET_SHARE, OFFLOAD_SHARE, MemoryPlan, blocks_held, measure_block_memory,
+                                 plan_blocks)
+from trainer.offload import LOOKAHEAD, offloaded_blocks
 from trainer.models.registry import get_target
 from trainer.performance import checkpoint_blocks
 
@@ -43,14 +45,14 @@ def test_predicted_peaks_match_the_peaks_measured_on_an_h200():
     assert abs(twelve_offloaded.predicted_peak - 69.1 * GIB) < 0.5 * GIB
 
 
-def test_plan_keeps_what_fits_offloads_a_quarter_at_most_and_checkpoints_the_rest():
+def test_plan_keeps_what_fits_offloads_half_at_most_and_checkpoints_the_rest():
     budget = int(0.9 * 79.6 * GIB)  # an H100's 80 GB
     kept = (budget - BASE) // PER_BLOCK + 1
     plan = plan_blocks(48, BASE, PER_BLOCK, budget)
     assert plan == MemoryPlan(checkpointed=0, offloaded=48 - kept, kept=kept,
                               predicted_peak=BASE + (kept - 1) * PER_BLOCK)
     assert 36 <= kept <= 40 and plan.predicted_peak <= budget
-    assert _split(plan_blocks(48, BASE, PER_BLOCK, budget=BASE + 20 * PER_BLOCK)) == (21, 12, 15)
+    assert _split(plan_blocks(48, BASE, PER_BLOCK, budget=BASE + 20 * PER_BLOCK)) == (21, 24, 3)
 
 
 def test_plan_without_offload_checkpoints_what_does_not_fit():
@@ -63,9 +65,28 @@ def test_plan_offloads_only_what_half_the_free_host_memory_holds():
 
 
 def test_plan_offloads_no_more_than_fit_when_they_are_back_together():
-    # Three blocks' activations fit: offloaded blocks come back up to LOOKAHEAD + 1 at a time, so three at most.
+    # Three blocks' activations fit, all kept: any offloaded block would come back beside the last kept ones.
     plan = plan_blocks(48, BASE, PER_BLOCK, budget=BASE + 2 * PER_BLOCK + 1)
-    assert _split(plan) == (3, 3, 42) and plan.predicted_peak == BASE + 2 * PER_BLOCK
+    assert _split(plan) == (3, 0, 45) and plan.predicted_peak == BASE + 2 * PER_BLOCK
+    # Six fit: 24 offloaded blocks (the most, half) spread so that no more than six are back at once.
+    plan = plan_blocks(48, BASE, PER_BLOCK, budget=BASE + 5 * PER_BLOCK + 1)
+    assert _split(plan) == (6, 24, 18) and blocks_held(48, 18, 24) == 6
+
+
+def test_offloaded_blocks_are_spread_and_leave_the_last_blocks_alone():
+    assert LOOKAHEAD == 4
+    assert sorted(offloaded_blocks(0, 12, 48)) == [0, 3, 7, 11, 14, 18, 22, 25, 29, 33, 36, 40]
+    assert offloaded_blocks(0, 48, 48) == set(range(48))
+    assert offloaded_blocks(36, 12, 48) == set(range(36, 48))  # no room to spread them
+    assert offloaded_blocks(0, 1, 2) == {0} and offloaded_blocks(1, 5, 2) == {1} and offloaded_blocks(2, 5, 2) == set()
+
+
+def test_blocks_held_counts_kept_blocks_and_offloaded_ones_brought_back_beside_them():
+    assert blocks_held(48, 0, 0) == 48 and blocks_held(48, 48, 0) == 1  # a checkpointed block's recomputation
+    assert blocks_held(48, 0, 12) == 36  # spread: each comes back after kept blocks freed their memory
+    assert blocks_held(48, 0, 48) == LOOKAHEAD + 1  # the block whose backward runs and those brought back ahead
+    # Blocks 3, 4, 5 offloaded, 6 and 7 kept: the backward of block 7 runs with 3 to 6 already brought back.
+    assert offloaded_blocks(3, 3, 8) == {3, 4, 5} and blocks_held(8, 3, 3) == 5
 
 
 def test_plan_checkpoints_every_block_when_nothing_more_fits_or_a_kept_block_is_unmeasured():

@@ -7,12 +7,13 @@ on the model, the tokens, the LoRA targets, the compiler's partitioning and the 
 estimated: two forward and backward passes on the largest batch of the data set, one with every block checkpointed
 (peak `base`) and one with `PROBE_BLOCKS` blocks kept. The peak of a step is then close to
 
-    base + (max(kept, in flight) - 1) * per_block        (or base, when nothing is kept or in flight)
+    base + (held - 1) * per_block        (or base, when no block's activations are held)
 
-where `in flight` is the offloaded blocks back on the GPU at once (at most `offload.LOOKAHEAD` brought back ahead of
-the block whose backward runs, and that block). The "- 1": with every block checkpointed, the peak already holds one
-block's activations, recomputed in the backward of the last block; a first kept block takes that place, as the
-recomputation comes after its memory is freed. So the probe with k blocks kept measures k - 1 blocks.
+where `held` is the most blocks whose activations are on the GPU at once (`blocks_held`): the kept blocks whose
+backward has not run yet, and the offloaded blocks brought back ahead of theirs. The "- 1": with every block
+checkpointed, the peak already holds one block's activations, recomputed in the backward of the last block; a first
+kept block takes that place, as the recomputation comes after its memory is freed. So the probe with k blocks kept
+measures k - 1 blocks.
 
 On an H200 with the full-size LTX-2.3 at 6144 video tokens (docs/benchmarks.md): every block checkpointed 43.1 GiB,
 all 48 kept 78.6 GiB (0.755 GiB for each of 47 blocks); this predicts 69.5 GiB for 12 blocks checkpointed and 36
@@ -28,15 +29,16 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.offload import LOOKAHEAD
+from trainer.offload import LOOKAHEAD, offloaded_blocks
 from trainer.performance import checkpoint_blocks
 
 # Blocks kept in the second probe: enough to measure a block's cost (three blocks' worth) well above the allocator's
 # rounding, few enough to fit wherever checkpointing every block fits with a little room.
 PROBE_BLOCKS = 4
-# Offloading is free up to about a quarter of the blocks (12 of 48 on an H200); beyond that each offloaded block cost
-# more time than checkpointing it (24 offloaded: 9.4 ms a block more than 12; checkpointing: 7.5 ms a block).
-OFFLOAD_SHARE = 0.25
+# Offloaded blocks spread over the stack cost almost nothing up to half of them (H200: 12 of 48 offloaded 0.992 s, 24
+# 0.996 s, against 0.978 s keeping all; checkpointing costs about 8 ms a block). Beyond that they come back too close
+# together for the host link.
+OFFLOAD_SHARE = 0.5
 # Of the GPU's memory, the default budget for the allocated peak: the rest is the allocator's reserve (measured up to
 # 4.6 GiB above the allocated peak), the CUDA context and the communication buffers.
 DEFAULT_BUDGET_SHARE = 0.9
@@ -74,11 +76,26 @@ def plan_blocks(blocks: int, base: int, per_block: int | None, budget: int, can_
         offloaded = min(blocks - kept, math.floor(blocks * OFFLOAD_SHARE))
         if host_available is not None and per_block > 0:
             offloaded = min(offloaded, int(host_available * HOST_SHARE) // per_block)
-        if min(offloaded, LOOKAHEAD + 1) > slots:  # the blocks back on the GPU at once would not fit
-            offloaded = slots
-    held = max(kept, min(offloaded, LOOKAHEAD + 1))
+        while offloaded and blocks_held(blocks, blocks - kept - offloaded, offloaded) > slots:
+            offloaded -= 1  # the blocks brought back would not fit beside the kept ones
+    held = blocks_held(blocks, blocks - kept - offloaded, offloaded)
     return MemoryPlan(checkpointed=blocks - kept - offloaded, offloaded=offloaded, kept=kept,
                       predicted_peak=base + max(0, held - 1) * per_block)
+
+
+def blocks_held(blocks: int, checkpointed: int, offloaded: int) -> int:
+    """The most blocks whose activations are on the GPU at once during a step split as `checkpoint_blocks` splits it:
+    the peak comes in the backward (which runs from the last block to the first), when block i's backward runs with
+    the kept blocks up to i still holding theirs, the offloaded blocks among the `LOOKAHEAD` before i already brought
+    back (and i itself), or i's recomputed activations if it is checkpointed."""
+    away = offloaded_blocks(checkpointed, offloaded, blocks)
+    kept_up_to = 0
+    held = 0
+    for i in range(blocks):
+        kept_up_to += checkpointed <= i and i not in away
+        back = sum(1 for j in away if i - LOOKAHEAD <= j <= i)
+        held = max(held, kept_up_to + back + (i < checkpointed))
+    return held
 
 
 def memory_budget(device: torch.device, limit_gib: float | None = None) -> int:

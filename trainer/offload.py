@@ -1,16 +1,18 @@
 """Activation offload: chosen transformer blocks keep their saved activations in pinned host memory, not on the GPU.
 
-A block that is neither checkpointed nor offloaded keeps about 0.85 GiB on the GPU from its forward until its backward
-(full-size LTX-2.3, 6144 video tokens, compiled). Checkpointing a block frees that for a second forward of the block;
-offloading frees it for two copies over the host link, which run on a side stream beside the compute and cost no GPU
-time while the link keeps up. On an H200, 12 offloaded blocks cost nothing measurable (1.03 s per step against 1.05 s
-keeping everything on the GPU, 1.16 s checkpointing them instead); 24 add 0.1 s, all 48 0.7 s (docs/benchmarks.md).
+A block that is neither checkpointed nor offloaded keeps about 0.76 GiB on the GPU from its forward until its backward
+(full-size LTX-2.3, 6144 video tokens, compiled). Checkpointing a block frees that for a second forward of the block
+(about 8 ms); offloading frees it for two copies over the host link, which run on a side stream beside the compute and
+cost no GPU time while the link keeps up.
 
 Forward: each large tensor an offloaded block saves for its backward is copied to pinned host memory on the side
 stream; its GPU memory is released once that copy has run. Backward: when the backward reaches block j (the gradient of
 its output exists), the offloaded blocks among the `LOOKAHEAD` blocks before it are copied back, so their tensors are
-on the GPU when their backward starts. Blocks are offloaded in forward order, so the earliest ones wait longest in host
-memory and come back last; the blocks whose backward runs meanwhile have freed more than the copies take.
+on the GPU when their backward starts. The offloaded blocks are spread evenly over the stack (`offloaded_blocks`), not
+taken in a row: each copy back then has the backward of the blocks kept between two offloaded ones to hide behind.
+Twelve offloaded blocks in a row had to come back during the last 16 blocks' backward, about 9 GiB in 0.2 s, as much
+as the host link carries (55 GB/s measured): the step took 1.013 s against 0.978 s keeping everything on an H200.
+Spread, 12 offloaded blocks take 0.991 s and 24 take 0.996 s (docs/benchmarks.md).
 
 On the CPU (tests) the same path runs with plain copies and no streams.
 """
@@ -26,6 +28,14 @@ import torch
 # Blocks whose offloaded activations are brought back ahead of their backward: 4 blocks of backward (about 50 ms on
 # the full-size model) cover the copy of one block even on a slower link.
 LOOKAHEAD = 4
+
+
+def offloaded_blocks(first: int, count: int, total: int) -> set[int]:
+    """The indexes of `count` offloaded blocks among blocks `first` to `total - 1`: evenly spaced, and where there is
+    room none of the last `LOOKAHEAD` blocks, whose backward comes first and leaves no time to bring anything back."""
+    count = max(0, min(count, total - first))
+    span = max(total - LOOKAHEAD - first, count)
+    return {first + i * span // count for i in range(count)}
 
 
 @dataclass

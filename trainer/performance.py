@@ -19,21 +19,21 @@ from contextlib import contextmanager
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from trainer.offload import ActivationOffload
+from trainer.offload import ActivationOffload, offloaded_blocks
 
 
 def checkpoint_blocks(model: torch.nn.Module, blocks: int, offloaded: int = 0) -> ActivationOffload | None:
     """Checkpoint the first `blocks` transformer blocks (all of them when `blocks` >= their number, none at 0), and
-    keep the saved activations of the `offloaded` blocks after them in pinned host memory (trainer/offload.py).
+    keep the saved activations of `offloaded` of the blocks after them, spread among them, in pinned host memory
+    (trainer/offload.py).
 
-    The first blocks are chosen because their activations live longest (until the end of the backward pass): an
-    offloaded block's copies then have the most time to go out during the forward and to come back in the backward.
-    Returns the offload, if any (it counts what it moved)."""
+    The first blocks are checkpointed because a checkpointed block costs the same wherever it is, while the blocks
+    after them are where offloaded copies have time to move. Returns the offload, if any (it counts what it moved)."""
     every = list(model.transformer_blocks)
     chosen = {id(block) for block in every[:blocks]}
     offload = None
     if offloaded > 0 and blocks < len(every):
-        offload = ActivationOffload(every, set(range(max(blocks, 0), min(blocks + offloaded, len(every)))))
+        offload = ActivationOffload(every, offloaded_blocks(max(blocks, 0), offloaded, len(every)))
     if not chosen and offload is None:
         model.disable_gradient_checkpointing()
         return None
