@@ -24,6 +24,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.checkpoint import (
     CheckpointError,
@@ -425,81 +426,83 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
     bad_steps = 0
     step = start_step
     last_saved = checkpoint.path if checkpoint else None
-    try:
-        while step < cfg.train.steps:
-            started = time.perf_counter()
-            model.train()
-            loss_sum = torch.zeros((), device=accelerator.device)
-            parts_sum: dict[str, torch.Tensor] = {}
-            for micro in range(accum):
-                batch = next(batches)
-                micro_batch = (step * accum + micro) * world + rank  # its place in the run's global sequence
-                if empty_prompt is not None:  # on the host, before the mask is looked at
-                    dropout_generator = noise_generator(cfg.train.seed + 1, micro_batch)
-                    drop_captions(batch, empty_prompt, cfg.train.caption_dropout_p, dropout_generator)
-                batch = batch_to_device(batch, accelerator.device)
-                generator = noise_generator(cfg.train.seed, micro_batch)
-                inputs = build_step_inputs(batch, cfg.mode, generator, cfg.conditioning.first_frame_p)
-                with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
-                    # accelerate puts the model's forward under autocast itself, except with FSDP
-                    with accelerator.autocast() if fsdp else nullcontext():
-                        loss, parts = compute_loss(model, inputs)
-                    accelerator.backward(loss / accum)
-                loss_sum += loss.detach() / accum
-                for name, value in parts.items():
-                    parts_sum[name] = parts_sum.get(name, 0) + value / accum
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-            mean_loss = accelerator.reduce(loss_sum, "mean")
-            finite = bool(torch.isfinite(mean_loss) and torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-                bad_steps = 0
-            else:
-                bad_steps += 1
-                logger.warning("step %d: non-finite loss or gradient (loss %s); step skipped", step + 1, mean_loss.item())
-            optimizer.zero_grad(set_to_none=True)
-            if offload and step == start_step:  # known after the first forward
-                logger.info("activation offload: %.2f GiB of pinned host memory per micro-batch",
-                            offload.offloaded_bytes / 2**30)
-            if memory_plan and step == start_step:
-                logger.info("first step: peak %.1f GiB of GPU memory allocated (planned for the largest sample: "
-                            "%.1f GiB)", torch.cuda.max_memory_allocated(accelerator.device) / 2**30,
-                            memory_plan.predicted_peak / 2**30)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            if bad_steps >= cfg.train.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step {step}); "
-                    f"stopped. The last good checkpoint is {last_saved or 'none (no checkpoint was written yet)'}; "
-                    f"lower optim.learning_rate or check the data, then resume with --resume"
-                )
+    with logging_redirect_tqdm():  # log lines printed above the progress bar, not into it
+        try:
+            while step < cfg.train.steps:
+                started = time.perf_counter()
+                model.train()
+                loss_sum = torch.zeros((), device=accelerator.device)
+                parts_sum: dict[str, torch.Tensor] = {}
+                for micro in range(accum):
+                    batch = next(batches)
+                    micro_batch = (step * accum + micro) * world + rank  # its place in the run's global sequence
+                    if empty_prompt is not None:  # on the host, before the mask is looked at
+                        dropout_generator = noise_generator(cfg.train.seed + 1, micro_batch)
+                        drop_captions(batch, empty_prompt, cfg.train.caption_dropout_p, dropout_generator)
+                    batch = batch_to_device(batch, accelerator.device)
+                    generator = noise_generator(cfg.train.seed, micro_batch)
+                    inputs = build_step_inputs(batch, cfg.mode, generator, cfg.conditioning.first_frame_p)
+                    with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
+                        # accelerate puts the model's forward under autocast itself, except with FSDP
+                        with accelerator.autocast() if fsdp else nullcontext():
+                            loss, parts = compute_loss(model, inputs)
+                        accelerator.backward(loss / accum)
+                    loss_sum += loss.detach() / accum
+                    for name, value in parts.items():
+                        parts_sum[name] = parts_sum.get(name, 0) + value / accum
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+                mean_loss = accelerator.reduce(loss_sum, "mean")
+                finite = bool(torch.isfinite(mean_loss) and torch.isfinite(grad_norm))
+                if finite:
+                    optimizer.step()
+                    bad_steps = 0
+                else:
+                    bad_steps += 1
+                    logger.warning("step %d: non-finite loss or gradient (loss %s); step skipped", step + 1,
+                                   mean_loss.item())
+                optimizer.zero_grad(set_to_none=True)
+                if offload and step == start_step:  # known after the first forward
+                    logger.info("activation offload: %.2f GiB of pinned host memory per micro-batch",
+                                offload.offloaded_bytes / 2**30)
+                if memory_plan and step == start_step:
+                    logger.info("first step: peak %.1f GiB of GPU memory allocated (planned for the largest sample: "
+                                "%.1f GiB)", torch.cuda.max_memory_allocated(accelerator.device) / 2**30,
+                                memory_plan.predicted_peak / 2**30)
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
+                if bad_steps >= cfg.train.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                        f"stopped. The last good checkpoint is {last_saved or 'none (no checkpoint was written yet)'}; "
+                        f"lower optim.learning_rate or check the data, then resume with --resume"
+                    )
 
-            seconds = time.perf_counter() - started
-            loss_value = mean_loss.item()
-            losses.append(loss_value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                          "sec_per_step": seconds, "skipped": not finite}
-                record.update({name: float(value) for name, value in parts_sum.items()})
-                accelerator.log(record, step=step)
-                if accelerator.is_main_process:
-                    with metrics_path.open("a", encoding="utf-8") as f:
-                        f.write(json.dumps(record) + "\n")
-            if finite and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps):
+                seconds = time.perf_counter() - started
+                loss_value = mean_loss.item()
+                losses.append(loss_value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                              "sec_per_step": seconds, "skipped": not finite}
+                    record.update({name: float(value) for name, value in parts_sum.items()})
+                    accelerator.log(record, step=step)
+                    if accelerator.is_main_process:
+                        with metrics_path.open("a", encoding="utf-8") as f:
+                            f.write(json.dumps(record) + "\n")
+                if finite and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps):
+                    last_saved = _save(accelerator, model, optimizer, scheduler, cfg, identity, step) or last_saved
+                validator.after_step(step, model)
+        except KeyboardInterrupt:
+            bar.close()
+            # Not under FSDP: Ctrl-C stops the processes inside different collectives, so gathering the shards now could
+            # hang or pair the wrong tensors; the last regular checkpoint is the one to resume from.
+            if step > start_step and bad_steps == 0 and not fsdp:
                 last_saved = _save(accelerator, model, optimizer, scheduler, cfg, identity, step) or last_saved
-            validator.after_step(step, model)
-    except KeyboardInterrupt:
+            logger.warning("interrupted at step %d; checkpoint %s; continue with --resume", step, last_saved)
+            raise
         bar.close()
-        # Not under FSDP: Ctrl-C stops the processes inside different collectives, so gathering the shards now could
-        # hang or pair the wrong tensors; the last regular checkpoint is the one to resume from.
-        if step > start_step and bad_steps == 0 and not fsdp:
-            last_saved = _save(accelerator, model, optimizer, scheduler, cfg, identity, step) or last_saved
-        logger.warning("interrupted at step %d; checkpoint %s; continue with --resume", step, last_saved)
-        raise
-    bar.close()
 
     exported: list[Path] = []
     adapter = get_lora_state_dict(accelerator.unwrap_model(model))  # on every process: FSDP gathers the shards
