@@ -16,11 +16,18 @@ def _error(raw, overrides=()):
     return str(info.value)
 
 
+def test_offload_set_by_hand_asks_for_checkpointing_set_by_hand_too():
+    message = _error({**BASE, "train": {"offload_activations": 12}})
+    assert ("train.offload_activations = 12 cannot be combined with train.gradient_checkpointing = 'auto' (the "
+            "default)") in message and "give gradient_checkpointing true, false or a number of blocks" in message
+    assert resolve({**BASE, "train": {"offload_activations": 12, "gradient_checkpointing": False}})
+
+
 def test_defaults_follow_the_official_recipe():
     cfg = resolve(BASE)
     assert (cfg.lora.rank, cfg.lora_alpha, cfg.lora.dropout) == (32, 32.0, 0.0)
     assert cfg.optim.learning_rate == 1e-4 and cfg.optim.grad_clip == 1.0 and cfg.optim.final_lr_fraction == 0.1
-    assert cfg.train.gradient_checkpointing and cfg.train.batch_size == 1
+    assert cfg.train.gradient_checkpointing == "auto" and cfg.train.batch_size == 1
     assert cfg.lora_targets == "video"
     assert resolve({**BASE, "mode": "text-to-audio-video"}).lora_targets == "audio-video"
     assert resolve({**BASE, "mode": "video-to-audio"}).lora_targets == "video-to-audio"

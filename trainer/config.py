@@ -134,14 +134,14 @@ class TrainSection(_Strict):
     # Recompute blocks in the backward pass: true (every block), false, or how many blocks (the first ones); auto
     # measures the memory a kept block takes on the largest batch and chooses how many blocks to keep, offload and
     # checkpoint within memory_limit_gib (trainer/memory_plan.py; on the CPU nothing is checkpointed).
-    gradient_checkpointing: Literal["auto"] | bool | Annotated[int, Field(ge=0)] = True
+    gradient_checkpointing: Literal["auto"] | bool | Annotated[int, Field(ge=0)] = "auto"
     # With gradient_checkpointing: auto, the peak GPU memory to plan for; null: 90% of the GPU's memory.
     memory_limit_gib: PositiveFloat | None = None
     # Of the blocks not checkpointed, recompute the video feed-forward's hidden activation in the backward: true (all
     # of them), false, or how many (the first ones). Cheaper per GiB than checkpointing whole blocks.
     recompute_feedforward: bool | Annotated[int, Field(ge=0)] = False
     # Of the blocks not checkpointed, keep the saved activations of these in pinned host memory until their backward:
-    # true (all of them), false, or how many (the first ones). Costs no GPU time while the host link keeps up.
+    # true (all of them), false, or how many (spread over them). Costs no GPU time while the host link keeps up.
     offload_activations: bool | Annotated[int, Field(ge=0)] = False
     # torch.compile each transformer block (one graph serves all): auto = on CUDA GPUs, off on the CPU.
     compile: Literal["auto"] | bool = "auto"
@@ -166,11 +166,13 @@ class TrainSection(_Strict):
     def _memory_plan_settings(self) -> "TrainSection":
         auto = self.gradient_checkpointing == "auto"
         if auto:
+            default = "" if "gradient_checkpointing" in self.model_fields_set else " (the default)"
             for key in ("offload_activations", "recompute_feedforward"):
                 if getattr(self, key) is not False:
                     raise ValueError(f"train.{key} = {getattr(self, key)!r} cannot be combined with "
-                                     f"train.gradient_checkpointing = 'auto', which chooses the offloaded blocks "
-                                     f"itself: leave {key} false, or give gradient_checkpointing a number of blocks")
+                                     f"train.gradient_checkpointing = 'auto'{default}, which chooses the offloaded "
+                                     f"blocks itself: leave {key} false, or give gradient_checkpointing true, false "
+                                     f"or a number of blocks")
         elif self.memory_limit_gib is not None:
             raise ValueError(f"train.memory_limit_gib = {self.memory_limit_gib} is only used by "
                              f"train.gradient_checkpointing = 'auto' (it is {self.gradient_checkpointing!r}): set "

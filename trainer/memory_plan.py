@@ -15,10 +15,10 @@ checkpointed, the peak already holds one block's activations, recomputed in the 
 kept block takes that place, as the recomputation comes after its memory is freed. So the probe with k blocks kept
 measures k - 1 blocks.
 
-On an H200 with the full-size LTX-2.3 at 6144 video tokens (docs/benchmarks.md): every block checkpointed 43.1 GiB,
-all 48 kept 78.6 GiB (0.755 GiB for each of 47 blocks); this predicts 69.5 GiB for 12 blocks checkpointed and 36
-kept (measured 69.5), 69.5 for 12 offloaded and 36 kept (69.1), 60.5 for 24 offloaded and 24 kept (59.7), 46.1 for
-all 48 offloaded (45.6).
+On the full-size LTX-2.3 at 6144 video tokens (docs/benchmarks.md) the probes measure 43.07 GiB with every block
+checkpointed and 0.755 GiB for each kept block after the first. The plans made from them on the GPU predicted 78.6 GiB
+for all 48 blocks kept (measured 78.6), 69.5 for 36 kept and 12 offloaded (69.1), 59.7 for 23 kept, 24 offloaded and
+1 checkpointed (59.1) on an H200, and 71.0 for 38 kept and 10 offloaded (70.7) on an H100.
 """
 
 from __future__ import annotations
