@@ -31,7 +31,7 @@ Variants:
   an `-fp8` part runs the frozen base Linears in fp8 (train.fp8), e.g. compiled-ckpt12-fp8; an `-ff` (or `-ffK`)
   part recomputes the video feed-forward's hidden activation in the blocks not checkpointed (the first K of them;
   train.recompute_feedforward), e.g. compiled-ff or compiled-ckpt4-ff; an `-off` (or `-offK`) part keeps the saved
-  activations of the blocks not checkpointed (the first K of them) in pinned host memory (train.offload_activations),
+  activations of the blocks not checkpointed (K of them, spread) in pinned host memory (train.offload_activations),
   e.g. compiled-off12; a `-plan` (or `-planX`) part lets the memory plan choose kept, offloaded and checkpointed
   blocks (train.gradient_checkpointing: auto) for a budget of 90% of the card (or X GiB), e.g. compiled-plan70, and
   prints the plan and its predicted peak beside the measured one.
