@@ -48,7 +48,8 @@ HOST_SHARE = 0.5
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Blocks are checkpointed first, then offloaded, then kept (trainer.performance.checkpoint_blocks)."""
+    """The first `checkpointed` blocks are checkpointed; `offloaded` of the others, spread among them, are offloaded; the
+    rest are kept (trainer.performance.checkpoint_blocks)."""
 
     checkpointed: int
     offloaded: int
