@@ -42,6 +42,18 @@ torch.cuda.reset_peak_memory_stats = _reset_peak
 torch.cuda.max_memory_allocated = _peak
 torch.cuda.get_device_properties = lambda device: SimpleNamespace(total_memory=2**40)
 train_module.plans_memory = lambda cfg, device: cfg.train.gradient_checkpointing == "auto"
+plan_blocks = train_module.plan_blocks
+
+
+def _plan_blocks_printed(*args, **kwargs):
+    """Each process prints its plan (only the first process logs it)."""
+    plan = plan_blocks(*args, **kwargs)
+    sys.stdout.write(f"PLAN of process {os.environ['RANK']}: {plan.describe()}\n")  # one write: lines stay whole
+    sys.stdout.flush()
+    return plan
+
+
+train_module.plan_blocks = _plan_blocks_printed
 
 if __name__ == "__main__":
     from trainer.cli import main

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -179,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # Under `accelerate launch` every process runs this: the first logs what it does, the others only their warnings.
+    first_process = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if first_process else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.run(args)
     except USER_ERRORS as exc:
