@@ -48,8 +48,8 @@ HOST_SHARE = 0.5
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """The first `checkpointed` blocks are checkpointed; `offloaded` of the others, spread among them, are offloaded; the
-    rest are kept (trainer.performance.checkpoint_blocks)."""
+    """The first `checkpointed` blocks are checkpointed; `offloaded` of the others, spread among them, are
+    offloaded; the rest are kept (trainer.performance.checkpoint_blocks)."""
 
     checkpointed: int
     offloaded: int
@@ -64,10 +64,10 @@ class MemoryPlan:
 def plan_blocks(blocks: int, base: int, per_block: int | None, budget: int, can_offload: bool = True,
                 host_available: int | None = None) -> MemoryPlan:
     """The fastest split of `blocks` blocks whose predicted peak stays within `budget` bytes: as many kept as fit, of
-    the rest up to a quarter offloaded (when `can_offload`, and within `HOST_SHARE` of `host_available` bytes of host
-    memory), the others checkpointed. `base` is the peak with every block checkpointed, `per_block` what each kept
-    block after the first adds (None: unknown, as keeping blocks ran out of memory). When not even `base` fits, every
-    block is checkpointed (the caller warns)."""
+    the rest up to `OFFLOAD_SHARE` of all blocks offloaded (when `can_offload`, within `HOST_SHARE` of
+    `host_available` bytes of host memory, and as long as those brought back fit), the others checkpointed. `base` is
+    the peak with every block checkpointed, `per_block` what each kept block after the first adds (None: unknown, as
+    keeping blocks ran out of memory). When not even `base` fits, every block is checkpointed (the caller warns)."""
     if per_block is None or budget < base:
         return MemoryPlan(checkpointed=blocks, offloaded=0, kept=0, predicted_peak=base)
     slots = blocks if per_block <= 0 else (budget - base) // per_block + 1  # blocks' activations the peak can hold
@@ -77,9 +77,10 @@ def plan_blocks(blocks: int, base: int, per_block: int | None, budget: int, can_
         offloaded = min(blocks - kept, math.floor(blocks * OFFLOAD_SHARE))
         if host_available is not None and per_block > 0:
             offloaded = min(offloaded, int(host_available * HOST_SHARE) // per_block)
-        while offloaded and blocks_held(blocks, blocks - kept - offloaded, offloaded) > slots:
-            offloaded -= 1  # the blocks brought back would not fit beside the kept ones
     held = blocks_held(blocks, blocks - kept - offloaded, offloaded)
+    while held > slots:  # the offloaded blocks brought back would not fit beside the kept ones
+        offloaded -= 1
+        held = blocks_held(blocks, blocks - kept - offloaded, offloaded)
     return MemoryPlan(checkpointed=blocks - kept - offloaded, offloaded=offloaded, kept=kept,
                       predicted_peak=base + max(0, held - 1) * per_block)
 
