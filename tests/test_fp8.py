@@ -28,7 +28,7 @@ def test_an_fp8_product_and_its_input_gradient_stay_within_the_bound(rows, k, n,
         linear.weight[:, 0] *= 20  # an outlier input channel
     fp8 = Fp8Linear(linear)
     x = (torch.randn(2, rows, k, generator=g) * 3).to(dtype).requires_grad_(True)
-    x.data[0, 0] *= 50  # an outlier token: per-token scales keep it from costing the others their precision
+    x.data[0, 0] *= 50  # an outlier token: fp8 floats keep the others' relative precision under its scale
     y = fp8(x)
     grad = torch.randn(y.shape, generator=g).to(y.dtype)
     y.backward(grad)
@@ -36,6 +36,7 @@ def test_an_fp8_product_and_its_input_gradient_stay_within_the_bound(rows, k, n,
     exact = torch.nn.functional.linear(exact_x, linear.weight.double(), linear.bias.double())
     exact.backward(grad.double())
     assert y.dtype == torch.bfloat16 and x.grad.dtype == dtype and fp8.weight.dtype == torch.float8_e4m3fn
+    assert fp8.weight_scale.shape == ()  # one scale for the tensor: the product applies it for free
     assert 1e-3 < _relative(y, exact) < BOUND  # quantized (not the exact product), within the bound
     assert 1e-3 < _relative(x.grad, exact_x.grad) < BOUND
     assert _relative(y[1], exact[1]) < BOUND  # the sample without the outlier token too

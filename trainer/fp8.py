@@ -2,14 +2,18 @@
 
 LoRA trains adapters beside frozen weights, so the base Linears never need a weight gradient: their forward and
 their input gradient are the two products left, and both run on the fp8 tensor cores of H100/H200 (and Ada) GPUs.
-Each frozen weight is stored once in float8 e4m3 with one scale per output channel: half the bytes of bf16, which
-is the point of it for now (the quantizing passes make the step no faster yet: docs/benchmarks.md). Each input,
-and each incoming gradient, is quantized per row (per token) on the fly, so one outlier token does not cost the
-others their precision. The LoRA adapters beside them are untouched: they see the unquantized input and train in
-full precision.
+Each frozen weight is stored once in float8 e4m3: half the bytes of bf16. Each input, and each incoming gradient,
+is quantized on the fly. Every tensor has one scale (its largest magnitude maps to fp8's largest value): the product
+applies scalar scales for free, the gradient needs no per-channel multiply first, and per-row scales were no faster
+(slower for the feed-forward's down-projection gradient: docs/benchmarks.md, fifth round). The products run at 1.6x
+bf16 on an H200, but the quantizing passes and the weight transposes take back much of it: the step is not reliably
+faster, and fp8 is for memory (half the weight bytes). e4m3 is a floating-point format, so a small row beside an outlier keeps its relative
+precision as long as it is within about 2^15 of the largest value. The weight's transposed copy for the input
+gradient is made in the backward and not kept. The LoRA adapters beside them are untouched: they see the
+unquantized input and train in full precision.
 
 Error (tests/test_fp8.py): a product's output and input gradient stay within 5% (norm-wise relative error) of the
-bf16 product at random inputs, typically 3-4%; the tiny model learns a planted LoRA as well as without fp8.
+exact product at random inputs, typically 3-4%; the tiny model learns a planted LoRA as well as without fp8.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
 
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (fp8 values, fp32 scale [M, 1]) with x ~= values * scale, each row scaled to fp8's full range."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (fp8 values, fp32 scale, a scalar) with x ~= values * scale, the tensor scaled to fp8's full range."""
+    scale = x.abs().amax().float().clamp(min=1e-12) / FP8_MAX
     return (x.float() / scale).to(FP8), scale
 
 
@@ -35,28 +39,26 @@ class _Fp8Product(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight, weight_scale)
         ctx.input_dtype = x.dtype
-        values, scale = _quantize_rows(x)
+        values, scale = _quantize(x)
         # The second operand must be column-major: weight [N, K] row-major, transposed, is.
-        return torch._scaled_mm(values, weight.t(), scale_a=scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)
+        return torch._scaled_mm(values, weight.t(), scale_a=scale, scale_b=weight_scale, out_dtype=torch.bfloat16)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight, weight_scale = ctx.saved_tensors
-        # dy @ diag(s) @ W: the per-channel weight scale multiplies the gradient's columns before quantizing.
-        values, scale = _quantize_rows(grad * weight_scale.t())
+        values, scale = _quantize(grad)
         column_major = weight.t().contiguous().t()  # [N, K] with strides (1, N): a transient copy, not kept
-        ones = torch.ones(1, weight.shape[1], dtype=torch.float32, device=weight.device)
-        dx = torch._scaled_mm(values, column_major, scale_a=scale, scale_b=ones, out_dtype=torch.bfloat16)
+        dx = torch._scaled_mm(values, column_major, scale_a=scale, scale_b=weight_scale, out_dtype=torch.bfloat16)
         return dx.to(ctx.input_dtype), None, None
 
 
 class Fp8Linear(torch.nn.Module):
-    """A frozen Linear whose weight is kept in fp8 (e4m3, a scale per output channel); output in bf16."""
+    """A frozen Linear whose weight is kept in fp8 (e4m3, one scale for the tensor); output in bf16."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight, scale = _quantize_rows(linear.weight.detach())  # a row of the weight is an output channel
+        weight, scale = _quantize(linear.weight.detach())
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -68,7 +70,7 @@ class Fp8Linear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"
 
 
 def use_fp8_base_linears(model: torch.nn.Module) -> int:
