@@ -170,7 +170,8 @@ def apply_variant(model, name: str) -> None:
 
 def kernel_profile(step, top: int = 25) -> None:
     """Prints where one step's GPU time goes: kernels grouped into matrix products, attention, generated (Triton)
-    elementwise kernels and the rest, then the `top` kernels by total time."""
+    elementwise kernels and the rest, then the `top` kernels by total time, the GPU's waits, the host operations
+    that took longest and the products by shape."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
@@ -193,11 +194,32 @@ def kernel_profile(step, top: int = 25) -> None:
           ", ".join(f"{g} {t:.1f} ms" for g, t in sorted(groups.items(), key=lambda kv: -kv[1])), flush=True)
     for kernel, (ms, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"PROFILE {ms:8.2f} ms {calls:5d}x  {kernel}", flush=True)
+    idle_profile(kernels, top)
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]:
+        print(f"PROFILE host {e.self_cpu_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key[:100]}", flush=True)
     # Matrix products by operand shapes: the LoRA products (rank 32) apart from the base ones.
     products = [e for e in prof.key_averages(group_by_input_shape=True)
                 if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")]
     for e in sorted(products, key=lambda e: -e.device_time_total)[:top]:
         print(f"PROFILE {e.device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key} {e.input_shapes}", flush=True)
+
+
+def idle_profile(kernels, top: int) -> None:
+    """Prints how long the GPU waited between kernels (launches slower than the kernels, or a wait on the host),
+    summed by the kernel that came after the wait."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name[:100]) for e in kernels)
+    waits: dict[str, list] = {}
+    busy_until = spans[0][0]
+    for start, end, name in spans:
+        if start > busy_until:
+            entry = waits.setdefault(name, [0.0, 0])
+            entry[0] += (start - busy_until) / 1e3
+            entry[1] += 1
+        busy_until = max(busy_until, end)
+    print(f"PROFILE GPU idle {sum(w[0] for w in waits.values()):.1f} ms of {(busy_until - spans[0][0]) / 1e3:.1f} ms "
+          "between the first kernel and the last; by the kernel after the wait:", flush=True)
+    for name, (ms, count) in sorted(waits.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"PROFILE idle {ms:8.2f} ms {count:5d}x before {name}", flush=True)
 
 
 def build_ours(name: str, target, tokens: int, device: torch.device):
