@@ -15,10 +15,12 @@ checkpointed, the peak already holds one block's activations, recomputed in the 
 kept block takes that place, as the recomputation comes after its memory is freed. So the probe with k blocks kept
 measures k - 1 blocks.
 
-On the full-size LTX-2.3 at 6144 video tokens (docs/benchmarks.md) the probes measure 43.07 GiB with every block
-checkpointed and 0.755 GiB for each kept block after the first. The plans made from them on the GPU predicted 78.6 GiB
-for all 48 blocks kept (measured 78.6), 69.5 for 36 kept and 12 offloaded (69.1), 59.7 for 23 kept, 24 offloaded and
-1 checkpointed (59.1) on an H200, and 71.0 for 38 kept and 10 offloaded (70.7) on an H100.
+On the full-size LTX-2.3 at 6144 video tokens (docs/benchmarks.md) the probes measure 43.1 GiB with every block
+checkpointed and 0.747 GiB for each kept block after the first (8 kept; with 4 kept the figure was 0.735 or 0.755 from
+run to run). With 4 kept, the plans on the GPU predicted 78.6 GiB for all 48 blocks kept (measured 78.6), 69.5 for 36
+kept and 12 offloaded (69.1), 59.7 for 23 kept, 24 offloaded and 1 checkpointed (59.1) on an H200, and 71.0 for 38
+kept and 10 offloaded (70.7) on an H100. With 8 kept on an H200: 59.6 for 23 kept, 24 offloaded and 1 checkpointed
+(59.1), and with fp8 base Linears (base 26.2 GiB) 59.8 for 46 kept and 2 offloaded (60.1: the one case below).
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ import torch
 from trainer.offload import LOOKAHEAD, offloaded_blocks
 from trainer.performance import checkpoint_blocks
 
-# Blocks kept in the second probe: enough to measure a block's cost (three blocks' worth) well above the allocator's
-# rounding, few enough to fit wherever checkpointing every block fits with a little room.
-PROBE_BLOCKS = 4
+# Blocks kept in the second probe: the plan multiplies a block's cost by up to 47, so it is measured over seven blocks'
+# worth (with four kept, the H200 measured 0.735 or 0.755 GiB a block from run to run); few enough to fit where
+# checkpointing every block fits with 5.3 GiB of room (LTX-2.3 at 6144 tokens).
+PROBE_BLOCKS = 8
 # Offloaded blocks spread over the stack cost almost nothing up to half of them (H200: 12 of 48 offloaded 0.992 s, 24
 # 0.996 s, against 0.978 s keeping all; checkpointing costs about 8 ms a block). Beyond that they come back too close
 # together for the host link.
