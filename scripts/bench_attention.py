@@ -1,7 +1,7 @@
 """Benchmark: the fused attention sublayer against the best composition PyTorch offers, at the LTX-2.3 shapes.
 
 For each attention of the block (batch 1, bf16, heads x head dim and token counts of the production model)
-  sublayer   (a) ours: q/k RMSNorm across heads (learnable weight) in torch.compile, then kernels.attention with the
+  sublayer   (a) ours: q/k RMSNorm across heads (learnable weight) in torch.compile, then ltx_kernels.attention with the
                  split RoPE, the key bias (text: the model's padding mask, all keys kept) and the per-head gate
              (b) the same sublayer composed as diffusers runs it - RMSNorm, apply_split_rotary_emb, SDPA with the
                  cuDNN backend, gate - under torch.compile
@@ -30,8 +30,8 @@ import triton
 from diffusers.models.transformers.transformer_ltx2 import apply_split_rotary_emb
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import attention as fused
-from kernels.attention import fused_attention
+from ltx_kernels import attention as fused
+from ltx_kernels.attention import fused_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
 from attention_reference import reference_attention  # noqa: E402

@@ -24,8 +24,8 @@ import torch
 import triton
 from diffusers.models.normalization import RMSNorm
 
-from kernels.norm_modulate import rms_norm_modulate
-from kernels.residual import gated_residual
+from ltx_kernels.norm_modulate import rms_norm_modulate
+from ltx_kernels.residual import gated_residual
 
 SHAPES = {"video 6144": (1, 6144, 4096), "video 14720": (1, 14720, 4096), "audio 126": (1, 126, 2048)}
 MODES = ["fwd", "fwd+bwd", "fwd+bwd LoRA"]

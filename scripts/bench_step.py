@@ -157,7 +157,7 @@ def apply_variant(model, name: str) -> None:
             use_fp8_base_linears(model)
             torch.cuda.empty_cache()
         elif part == "triton":
-            from kernels.install import install_attention
+            from ltx_kernels.install import install_attention
 
             install_attention(model)
         elif part not in ("pertoken", "mask", "ddp", "fsdp") and not part.startswith("plan"):  # handled later

@@ -1,19 +1,26 @@
-"""Packaging: our `kernels` package must not pass for the Hugging Face `kernels` distribution diffusers probes for."""
+"""Packaging: our top-level packages must not shadow packages our dependencies import by name."""
 
 import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_diffusers_does_not_take_our_kernels_for_hub_kernels():
-    # A fresh interpreter, so diffusers runs its import-time probe with our package importable.
+def test_transformers_and_diffusers_import_from_the_project_root():
+    # `python -m trainer...` and torchrun put the working directory first on sys.path; a top-level folder there named
+    # like a dependency (transformers imports the Hugging Face `kernels` package) would be imported in its place.
     code = (
-        "import kernels, diffusers.utils.import_utils as iu\n"
-        "assert getattr(kernels, 'LTX_LORA_KERNELS', False), kernels.__file__\n"
-        "print(iu.is_kernels_available())\n"
+        "import importlib.util, pathlib, sys\n"
+        "import transformers.integrations.hub_kernels, diffusers.utils.import_utils, ltx_kernels, trainer\n"
+        "root = pathlib.Path.cwd().resolve()\n"
+        "assert pathlib.Path(ltx_kernels.__file__).resolve().parent == root / 'ltx_kernels', ltx_kernels.__file__\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "assert spec is None or root not in pathlib.Path(spec.origin).resolve().parents, spec.origin\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_distribution_and_console_command():

@@ -294,11 +294,11 @@ def test_offloaded_activations_train_the_same_and_say_how_much_went_to_the_host(
 def test_triton_kernels_train_the_same_as_sdpa(tmp_path, monkeypatch):
     """`kernels: triton` routes the attentions through the fused kernel (Triton's interpreter here) and trains to
     the same losses as PyTorch's attention."""
-    import kernels.install
+    import ltx_kernels.install
 
     calls = []
-    fused = kernels.install.fused_attention
-    monkeypatch.setattr(kernels.install, "fused_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    fused = ltx_kernels.install.fused_attention
+    monkeypatch.setattr(ltx_kernels.install, "fused_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
     sdpa = train(resolve(_config(tmp_path / "a", kernels="sdpa", train={"steps": 2})), progress=False)
     assert not calls
     triton = train(resolve(_config(tmp_path / "b", kernels="triton", train={"steps": 2})), progress=False)

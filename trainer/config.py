@@ -333,7 +333,7 @@ class RunConfig(_Strict):
     mode: Literal[MODES] = "text-to-video"  # type: ignore[valid-type]
     recipe: Literal["character", "style", "motion"] | None = None
     trigger_word: str | None = None
-    # Attention: "triton" = our fused kernels (kernels/attention.py), "sdpa" = PyTorch's (cuDNN on Hopper); "auto" =
+    # Attention: "triton" = our fused kernels (ltx_kernels/attention.py), "sdpa" = PyTorch's (cuDNN on Hopper); "auto" =
     # the faster measured path, which is sdpa at every LTX-2 shape today (docs/benchmarks.md).
     kernels: Literal["auto", "triton", "sdpa"] = "auto"
     lora: LoraSection = LoraSection()

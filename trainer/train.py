@@ -355,7 +355,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, data_sour
         check_fp8_device(accelerator.device)
         logger.info("fp8: %d frozen Linears of the blocks now in fp8", use_fp8_base_linears(model))
     if cfg.kernels == "triton":
-        from kernels.install import install_attention  # imports Triton, which only this path needs
+        from ltx_kernels.install import install_attention  # imports Triton, which only this path needs
 
         install_attention(model)
     blocks = len(model.transformer_blocks)

@@ -1,4 +1,4 @@
-"""Fused attention (kernels/attention.py) against its float64 reference, forward and every gradient, and a whole tiny
+"""Fused attention (ltx_kernels/attention.py) against its float64 reference, forward and every gradient, and a whole tiny
 model with the fused processors against the same model without them.
 
 Without a GPU the kernels run in Triton's interpreter (fp32 and fp16, small shapes; the interpreter's bf16 loads are
@@ -15,10 +15,10 @@ import math
 import pytest
 import torch
 
-from attention_reference import reference_attention  # tests/kernels/ is on sys.path (pytest's rootdir insertion)
-from kernels import attention
-from kernels.attention import fused_attention
-from kernels.install import FusedLTX2AttnProcessor, install_attention, uninstall_attention
+from attention_reference import reference_attention  # tests/ltx_kernels/ is on sys.path (pytest's rootdir insertion)
+from ltx_kernels import attention
+from ltx_kernels.attention import fused_attention
+from ltx_kernels.install import FusedLTX2AttnProcessor, install_attention, uninstall_attention
 from trainer.lora import inject_lora, lora_parameters
 from trainer.models.registry import TARGETS, build_random_transformer
 from trainer.modes import build_step_inputs
@@ -233,7 +233,7 @@ def _step_inputs(target, batch=2):
 
 
 def _count_kernel_calls(monkeypatch):
-    import kernels.install
+    import ltx_kernels.install
 
     calls = []
 
@@ -241,7 +241,7 @@ def _count_kernel_calls(monkeypatch):
         calls.append(kwargs["heads"])
         return fused_attention(*args, **kwargs)
 
-    monkeypatch.setattr(kernels.install, "fused_attention", counted)
+    monkeypatch.setattr(ltx_kernels.install, "fused_attention", counted)
     return calls
 
 

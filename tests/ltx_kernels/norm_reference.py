@@ -1,4 +1,4 @@
-"""Plain-PyTorch references for kernels/norm_modulate.py and kernels/residual.py, the inputs the tests feed both, and
+"""Plain-PyTorch references for ltx_kernels/norm_modulate.py and ltx_kernels/residual.py, the inputs the tests feed both, and
 how close a kernel must come. The references run in their inputs' dtype: the tests give them float64 copies."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of kernels.attention.fused_attention: the same signature and semantics, computed in the
+"""Plain-PyTorch reference of ltx_kernels.attention.fused_attention: the same signature and semantics, computed in the
 inputs' dtype (pass float64 tensors for a reference the kernels are measured against)."""
 
 import torch

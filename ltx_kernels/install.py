@@ -2,7 +2,7 @@
 
 `install_attention` gives every `LTX2Attention` a `FusedLTX2AttnProcessor`: the projections (LoRA-wrapped Linear
 modules, called as modules), the q/k RMSNorms and the output projection stay the module's own; the attention
-itself, with its RoPE, key padding bias and per-head gate, runs in kernels.attention.fused_attention. Calls the
+itself, with its RoPE, key padding bias and per-head gate, runs in ltx_kernels.attention.fused_attention. Calls the
 kernel cannot serve exactly (STG perturbation, a full [Nq, Nk] mask, interleaved RoPE, CPU tensors outside Triton's
 interpreter) go to the module's original diffusers processor.
 """
@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from kernels.attention import fused_attention
+from ltx_kernels.attention import fused_attention
 
 
 def _kernel_device(t: torch.Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""kernels/norm_modulate.py against the float64 reference: forward and every gradient, per-token and broadcast tables.
+"""ltx_kernels/norm_modulate.py against the float64 reference: forward and every gradient, per-token and broadcast tables.
 Without CUDA the kernels run in Triton's interpreter at small sizes in fp32 and fp16 (the interpreter mishandles bf16
 loads); with CUDA the same tests also run at the model's sizes and in bf16."""
 
@@ -7,7 +7,7 @@ import torch
 from diffusers.models.normalization import RMSNorm
 
 import norm_reference as ref
-from kernels.norm_modulate import rms_norm_modulate
+from ltx_kernels.norm_modulate import rms_norm_modulate
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -1,4 +1,4 @@
-"""kernels/residual.py against the float64 reference: forward and every gradient, per-token and broadcast gates.
+"""ltx_kernels/residual.py against the float64 reference: forward and every gradient, per-token and broadcast gates.
 Without CUDA the kernels run in Triton's interpreter at small sizes in fp32 and fp16 (the interpreter mishandles bf16
 loads); with CUDA the same tests also run at the model's sizes and in bf16."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import norm_reference as ref
-from kernels.residual import gated_residual
+from ltx_kernels.residual import gated_residual
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -6,7 +6,7 @@ intermediates; one Triton pass reads x, scale and shift once and writes y (plus 
 reads x, dy and scale, recomputes the normalised x from the saved rstd, and writes dx, dscale and dshift, each only
 when autograd asks for it (in LoRA training the modulation tables are frozen, so only dx).
 
-The modulation tables (scale and shift here, the gate in kernels/residual.py) are [B or 1, N or 1, C]: per token when
+The modulation tables (scale and shift here, the gate in ltx_kernels/residual.py) are [B or 1, N or 1, C]: per token when
 the timesteps are per token, per sample otherwise; in the model they are strided views of one [B, T, 6, C] tensor.
 Broadcast dimensions are read with stride 0, never expanded in memory, and a table's gradient is summed over the
 dimensions it was broadcast along: per-token rows are written directly, per-sample tables get one fp32 partial sum

@@ -1,7 +1,7 @@
 """Fused gated residual add, out = x + y * gate, forward and backward.
 
 Why: the LTX-2 block closes each attention and its feed-forward with `x + out * gate`, where gate is an AdaLN table
-(per token or per sample, see kernels/norm_modulate.py for the layout and the broadcasting rules shared here). Eager
+(per token or per sample, see ltx_kernels/norm_modulate.py for the layout and the broadcasting rules shared here). Eager
 PyTorch writes y * gate to memory before adding it and rounds twice; here one pass reads x, y and gate and writes
 out, rounding once. The backward passes dout through as dx untouched and, in one pass over dout, y and gate, writes
 dy = dout * gate and dgate = dout * y (summed over broadcast dimensions), each only when autograd asks for it.
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.norm_modulate import (PARTIAL, PER_TOKEN, check_activation, check_table, finish_table_grad,
+from ltx_kernels.norm_modulate import (PARTIAL, PER_TOKEN, check_activation, check_table, finish_table_grad,
                                    launch_config, rows_contiguous, rows_per_program, table_grad_buffer)
 
 
