@@ -12,7 +12,7 @@ def test_transformers_and_diffusers_import_from_the_project_root():
     # `python -m trainer...` and torchrun put the working directory first on sys.path; a top-level folder there named
     # like a dependency (transformers imports the Hugging Face `kernels` package) would be imported in its place.
     code = (
-        "import importlib.util, pathlib, sys\n"
+        "import importlib.util, pathlib\n"
         "import transformers.integrations.hub_kernels, diffusers.utils.import_utils, ltx_kernels, trainer\n"
         "root = pathlib.Path.cwd().resolve()\n"
         "assert pathlib.Path(ltx_kernels.__file__).resolve().parent == root / 'ltx_kernels', ltx_kernels.__file__\n"
