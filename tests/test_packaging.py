@@ -22,7 +22,8 @@ def test_transformers_and_diffusers_import_from_the_project_root():
     code = (
         "import pathlib\n"
         "import transformers.integrations.hub_kernels, diffusers.utils.import_utils, ltx_kernels, trainer\n"
-        "assert pathlib.Path(ltx_kernels.__file__).resolve().parent == pathlib.Path.cwd().resolve() / 'ltx_kernels'\n"
+        "found = pathlib.Path(ltx_kernels.__file__).resolve().parent\n"
+        "assert found == pathlib.Path.cwd().resolve() / 'ltx_kernels', found\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
